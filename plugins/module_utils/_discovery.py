@@ -1,0 +1,169 @@
+# Copyright: virtfleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Discovery of many endpoints in parallel, and probing of address ranges for hypervisor APIs.
+
+Results are plain JSON-able dicts without credentials: the same data goes to the inventory, to the
+inventory cache and to module results.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from ._endpoints import LIBVIRT_PORTS, Endpoint, public_summary
+from ._errors import EndpointError, VirtfleetError, one_line
+from .backends.base import HypervisorBackend, backend_for
+
+BackendFactory = Callable[[Endpoint, float], HypervisorBackend]
+Progress = Callable[[str], None]
+
+
+def _no_progress(_msg: str) -> None:
+    """Default progress sink: say nothing."""
+
+
+def discover_endpoint(endpoint: Endpoint, guests: bool, timeout: float,
+                      factory: BackendFactory = backend_for) -> Dict[str, Any]:
+    """Discover one endpoint. Never raises for endpoint trouble: the error is part of the result."""
+    start = time.monotonic()
+    result: Dict[str, Any] = {"endpoint": public_summary(endpoint), "error": None}
+    backend = factory(endpoint, timeout)
+    try:
+        found = backend.discover(guests=guests)
+        result.update(
+            identity=found.identity.to_dict(),
+            hypervisors=[h.to_dict() for h in found.hypervisors],
+            guests=[_guest_dict(g, found) for g in found.guests],
+            bmc=found.bmc,
+        )
+    except VirtfleetError as exc:
+        result["error"] = exc.reason if isinstance(exc, EndpointError) else str(exc)
+    except Exception as exc:  # noqa: BLE001 - one broken endpoint must not take the inventory down
+        result["error"] = f"unexpected {type(exc).__name__}: {one_line(exc)}"
+    finally:
+        backend.close()
+    result["calls"] = backend.calls
+    result["seconds"] = round(time.monotonic() - start, 3)
+    return result
+
+
+def _guest_dict(guest: Any, found: Any) -> Dict[str, Any]:
+    data: Dict[str, Any] = guest.to_dict()
+    # The hypervisor is named by the backend key; the caller maps it to an inventory name.
+    names = {h.key: h.name for h in found.hypervisors}
+    data["hypervisor"] = names.get(guest.host_key)
+    return data
+
+
+def discover_all(endpoints: Sequence[Endpoint], guests: bool, timeout: float, max_workers: int,
+                 progress: Progress = _no_progress, factory: BackendFactory = backend_for) -> List[Dict[str, Any]]:
+    """Discover every endpoint, at most MAX_WORKERS at a time; results in the order of ENDPOINTS."""
+    if not endpoints:
+        return []
+    results: List[Optional[Dict[str, Any]]] = [None] * len(endpoints)
+    workers = max(1, min(max_workers, len(endpoints)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtfleet") as pool:
+        futures = {pool.submit(discover_endpoint, ep, guests, timeout, factory): i for i, ep in enumerate(endpoints)}
+        done = 0
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            result = future.result()
+            results[i] = result
+            done += 1
+            label = endpoints[i].label
+            if result["error"]:
+                progress(f"[{done}/{len(endpoints)}] {label}: unreachable after {result['seconds']:.2f}s: "
+                         f"{result['error']}")
+            else:
+                what = result["identity"]["type"]
+                progress(f"[{done}/{len(endpoints)}] {label}: {what}, {len(result['hypervisors'])} hypervisor(s), "
+                         f"{len(result['guests'])} guest(s) in {result['seconds']:.2f}s ({result['calls']} calls)")
+    return [r for r in results if r is not None]
+
+
+# ---------------------------------------------------------------------------------------------- probing
+def _port_open(address: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _identify_open_port(address: str, port: int, timeout: float,
+                        factory: BackendFactory) -> Tuple[Optional[Endpoint], Optional[str]]:
+    """What answers on an open port: (endpoint, None), or (None, why nothing known answered)."""
+    host = f"[{address}]" if ":" in address else address
+    candidates: List[Endpoint] = []
+    if port in LIBVIRT_PORTS:
+        candidates.append(Endpoint(api="libvirt", uri=f"{LIBVIRT_PORTS[port]}://{host}/system", host=address,
+                                   port=port))
+    else:
+        candidates.append(Endpoint(api="vsphere", uri=f"vsphere://{host}:{port}", host=address, port=port))
+        candidates.append(Endpoint(api="redfish", uri=f"redfish://{host}:{port}", host=address, port=port))
+        candidates.append(Endpoint(api="redfish", uri=f"redfish+http://{host}:{port}", host=address, port=port))
+    reasons = []
+    for candidate in candidates:
+        if candidate.api == "libvirt":
+            # The libvirt RPC port has no unauthenticated identification; it is a libvirt endpoint by protocol.
+            return candidate, None
+        backend = factory(candidate, timeout)
+        try:
+            backend.identify()
+            return candidate, None
+        except VirtfleetError as exc:
+            reasons.append(f"{candidate.api}: {exc.reason if isinstance(exc, EndpointError) else exc}")
+        finally:
+            backend.close()
+    return None, "; ".join(reasons)
+
+
+def probe(addresses: Sequence[str], ports: Sequence[int], timeout: float, max_workers: int,
+          progress: Progress = _no_progress, factory: BackendFactory = backend_for,
+          ) -> Tuple[List[Endpoint], List[Dict[str, Any]]]:
+    """Scan ADDRESSES x PORTS: endpoints that identified themselves, and open ports where nothing known answered.
+
+    The connect timeout is kept short (a closed or filtered port is the common case in a range)."""
+    targets = [(a, p) for a in addresses for p in ports]
+    connect_timeout = min(timeout, 1.5)
+    found: List[Endpoint] = []
+    unknown: List[Dict[str, Any]] = []
+    workers = max(1, min(max_workers, len(targets) or 1))
+
+    def check(target: Tuple[str, int]) -> Tuple[Optional[Endpoint], Optional[Dict[str, Any]]]:
+        address, port = target
+        if not _port_open(address, port, connect_timeout):
+            return None, None
+        endpoint, why = _identify_open_port(address, port, timeout, factory)
+        if endpoint is None:
+            return None, {"address": address, "port": port, "error": f"nothing known answered ({why})"}
+        return endpoint, None
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtfleet-probe") as pool:
+        for i, (endpoint, miss) in enumerate(pool.map(check, targets), start=1):
+            if endpoint is not None:
+                found.append(endpoint)
+                progress(f"probe: {endpoint.uri} answers ({endpoint.api})")
+            if miss is not None:
+                unknown.append(miss)
+                progress(f"probe: {miss['address']}:{miss['port']} is open but {miss['error']}")
+            if i % 256 == 0:
+                progress(f"probe: {i}/{len(targets)} address:port pairs checked "
+                         f"({time.monotonic() - started:.1f}s)")
+    return found, unknown
+
+
+def dedupe(endpoints: Sequence[Endpoint]) -> List[Endpoint]:
+    """Drop repeated endpoints (the same URI written twice, or found by a probe and also listed)."""
+    seen, out = set(), []
+    for endpoint in endpoints:
+        key = (endpoint.api, endpoint.host, endpoint.port) if endpoint.host else (endpoint.api, endpoint.uri)
+        if key not in seen:
+            seen.add(key)
+            out.append(endpoint)
+    return out
+

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the Debian packages that bindep.txt lists for [platform:dpkg] which are not installed yet.
+# Idempotent and quiet when everything is there. Run as root on Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mapfile -t wanted < <(awk '!/^#/ && /platform:dpkg/ {print $1}' bindep.txt)
+missing=()
+for pkg in "${wanted[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+  [ "$status" = installed ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing Debian packages (run as root): ${missing[*]}" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# No recommends: they would pull in dnsmasq and a default NAT network the lab does not want.
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
