@@ -22,7 +22,7 @@ description:
   - Every string read from a hypervisor or a guest is marked unsafe, so it is never templated.
   - Credentials never enter hostvars or the cache.
 author:
-  - virtfleet maintainers
+  - virtfleet maintainers (@virtfleet)
 requirements:
   - pyvmomi (vSphere endpoints)
   - libvirt-python (libvirt endpoints)

@@ -166,4 +166,3 @@ def dedupe(endpoints: Sequence[Endpoint]) -> List[Endpoint]:
             seen.add(key)
             out.append(endpoint)
     return out
-

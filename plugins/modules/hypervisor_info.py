@@ -15,7 +15,7 @@ description:
   - A vCenter returns one hypervisor per ESXi host it manages.
   - Reads in bulk (one property collector query on vSphere; getAllDomainStats on libvirt). Read-only.
 author:
-  - virtfleet maintainers
+  - virtfleet maintainers (@virtfleet)
 requirements:
   - pyvmomi (vSphere endpoints)
   - libvirt-python (libvirt endpoints)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The local hypervisor lab: libvirt (KVM or TCG), vcsim ESXi/vCenter endpoints, sushy Redfish BMCs.
 
 Usage: lab.py up | down | status [--json]
