@@ -161,7 +161,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         rules = parse_credential_rules([
             {k: self._render(v) for k, v in rule.items()} if isinstance(rule, dict) else rule
             for rule in self.get_option("credentials") or []
-        ])
+        ], default=default)
         items = list(self.get_option("endpoints") or [])
         if not items and os.environ.get("LIBVIRT_DEFAULT_URI"):
             items = [{"uri": os.environ["LIBVIRT_DEFAULT_URI"]}]
@@ -241,7 +241,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         unknown: List[Dict[str, Any]] = []
         for addresses, ports in probes:
             self._progress(f"probing {len(addresses)} address(es) on ports {ports}")
-            hits, misses = probe(addresses, ports, timeout, workers, self._progress)
+            hits, misses = probe(addresses, ports, timeout, workers,
+                                 lambda host: credentials_for(host, rules, default), self._progress)
             found.extend(hits)
             unknown.extend(misses)
         targets = self._attach(dedupe(endpoints + found), rules, default)

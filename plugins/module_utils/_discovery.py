@@ -9,11 +9,12 @@ inventory cache and to module results.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ._endpoints import LIBVIRT_PORTS, Endpoint, public_summary
+from ._endpoints import LIBVIRT_PORTS, Credentials, Endpoint, public_summary, with_credentials
 from ._errors import EndpointError, VirtfleetError, one_line
 from .backends.base import HypervisorBackend, backend_for
 
@@ -47,7 +48,10 @@ def discover_endpoint(endpoint: Endpoint, guests: bool, timeout: float,
         backend.close()
     result["calls"] = backend.calls
     result["seconds"] = round(time.monotonic() - start, 3)
-    return result
+    # A JSON round trip turns library types (pyVmomi's short/long, enum strings) into plain Python values,
+    # which is what the inventory, its cache and module results can hold.
+    plain: Dict[str, Any] = json.loads(json.dumps(result, default=str))
+    return plain
 
 
 def _guest_dict(guest: Any, found: Any) -> Dict[str, Any]:
@@ -93,8 +97,8 @@ def _port_open(address: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _identify_open_port(address: str, port: int, timeout: float,
-                        factory: BackendFactory) -> Tuple[Optional[Endpoint], Optional[str]]:
+def _identify_open_port(address: str, port: int, timeout: float, factory: BackendFactory,
+                        creds: Credentials) -> Tuple[Optional[Endpoint], Optional[str]]:
     """What answers on an open port: (endpoint, None), or (None, why nothing known answered)."""
     host = f"[{address}]" if ":" in address else address
     candidates: List[Endpoint] = []
@@ -106,7 +110,7 @@ def _identify_open_port(address: str, port: int, timeout: float,
         candidates.append(Endpoint(api="redfish", uri=f"redfish://{host}:{port}", host=address, port=port))
         candidates.append(Endpoint(api="redfish", uri=f"redfish+http://{host}:{port}", host=address, port=port))
     reasons = []
-    for candidate in candidates:
+    for candidate in (with_credentials(c, creds) for c in candidates):
         if candidate.api == "libvirt":
             # The libvirt RPC port has no unauthenticated identification; it is a libvirt endpoint by protocol.
             return candidate, None
@@ -122,9 +126,12 @@ def _identify_open_port(address: str, port: int, timeout: float,
 
 
 def probe(addresses: Sequence[str], ports: Sequence[int], timeout: float, max_workers: int,
+          credentials: Callable[[str], Credentials] = lambda _host: Credentials(),
           progress: Progress = _no_progress, factory: BackendFactory = backend_for,
           ) -> Tuple[List[Endpoint], List[Dict[str, Any]]]:
     """Scan ADDRESSES x PORTS: endpoints that identified themselves, and open ports where nothing known answered.
+
+    CREDENTIALS gives the credentials for an address (TLS verification applies to identification too).
 
     The connect timeout is kept short (a closed or filtered port is the common case in a range)."""
     targets = [(a, p) for a in addresses for p in ports]
@@ -137,7 +144,7 @@ def probe(addresses: Sequence[str], ports: Sequence[int], timeout: float, max_wo
         address, port = target
         if not _port_open(address, port, connect_timeout):
             return None, None
-        endpoint, why = _identify_open_port(address, port, timeout, factory)
+        endpoint, why = _identify_open_port(address, port, timeout, factory, credentials(address))
         if endpoint is None:
             return None, {"address": address, "port": port, "error": f"nothing known answered ({why})"}
         return endpoint, None

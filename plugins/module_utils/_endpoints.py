@@ -137,7 +137,9 @@ class CredentialRule:
     credentials: Credentials
 
 
-def parse_credential_rules(rules: Any, option: str = "credentials") -> List[CredentialRule]:
+def parse_credential_rules(rules: Any, option: str = "credentials",
+                           default: Optional[Credentials] = None) -> List[CredentialRule]:
+    """Validate credentials entries; an entry without validate_certs inherits DEFAULT's."""
     if rules is None:
         return []
     if not isinstance(rules, list):
@@ -155,7 +157,10 @@ def parse_credential_rules(rules: Any, option: str = "credentials") -> List[Cred
         match = rule.get("match")
         if not isinstance(match, str) or not match:
             raise ConfigError(f"{where}.match", match, "expected a host name glob such as 'esx*.example.com'")
-        creds = env_credentials(rule.get("username"), rule.get("password"), rule.get("validate_certs"))
+        verify = rule.get("validate_certs")
+        if verify is None and default is not None:
+            verify = default.validate_certs
+        creds = env_credentials(rule.get("username"), rule.get("password"), verify)
         out.append(CredentialRule(match=match, credentials=creds))
     return out
 
