@@ -12,5 +12,10 @@ BUILD = REPO / ".build"
 if not (BUILD / "ansible_collections" / "virtfleet" / "core").exists():
     (BUILD / "ansible_collections" / "virtfleet").mkdir(parents=True, exist_ok=True)
     (BUILD / "ansible_collections" / "virtfleet" / "core").symlink_to(REPO)
-sys.path.insert(0, str(BUILD))
 sys.path.insert(0, str(REPO / "tests" / "lab"))
+
+# Import the collection the way Ansible does (its collection finder), before any test imports it, so that
+# plugin loading (inventory_loader.get) and plain imports see the same modules.
+from ansible.utils.collection_loader._collection_finder import _AnsibleCollectionFinder  # noqa: E402
+
+_AnsibleCollectionFinder(paths=[str(BUILD)])._install()

@@ -1,0 +1,83 @@
+"""VsphereBackend's bulk retrieval against a fake property collector: pages are followed, views are few."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
+    Credentials,
+    parse_endpoint,
+    with_credentials,
+)
+from ansible_collections.virtfleet.core.plugins.module_utils._errors import EndpointError
+from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere as backend_mod
+
+pytestmark = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
+
+
+class FakeCollector:
+    def __init__(self, pages: list[list[Any]]) -> None:
+        self.pages = pages
+        self.calls: list[str] = []
+
+    def _page(self, i: int) -> Any:
+        token = str(i + 1) if i + 1 < len(self.pages) else None
+        return SimpleNamespace(objects=self.pages[i], token=token)
+
+    def RetrievePropertiesEx(self, specs: Any, options: Any) -> Any:
+        self.calls.append("RetrievePropertiesEx")
+        assert options.maxObjects == backend_mod.PAGE_SIZE
+        return self._page(0)
+
+    def ContinueRetrievePropertiesEx(self, token: str) -> Any:
+        self.calls.append("ContinueRetrievePropertiesEx")
+        return self._page(int(token))
+
+
+def vm(moid: str, name: str, host: Any) -> Any:
+    from pyVmomi import vim
+
+    props = [SimpleNamespace(name="name", val=name), SimpleNamespace(name="runtime.powerState", val="poweredOff"),
+             SimpleNamespace(name="runtime.host", val=host), SimpleNamespace(name="config.template", val=False)]
+    return SimpleNamespace(obj=vim.VirtualMachine(moid), propSet=props)
+
+
+def test_retrieve_follows_continuation_pages_with_one_view_per_type() -> None:
+    from pyVmomi import vim
+
+    host = vim.HostSystem("host-1")
+    pages = [[vm(f"vm-{p}-{i}", f"vm{p}-{i}", host) for i in range(3)] for p in range(4)]
+    collector = FakeCollector(pages)
+    views: list[Any] = []
+    content = SimpleNamespace(
+        rootFolder=vim.Folder("group-d1"), propertyCollector=collector,
+        viewManager=SimpleNamespace(CreateContainerView=lambda root, types, rec: views.append(types)
+                                    or vim.view.ContainerView(f"view-{len(views)}")),
+    )
+    backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://esx01"), 5)
+    objs = list(backend._retrieve(content, [([vim.VirtualMachine], [(vim.VirtualMachine, ["name"])]),
+                                            ([vim.HostSystem], [(vim.HostSystem, ["name"])])]))
+    assert len(objs) == 12
+    assert collector.calls == ["RetrievePropertiesEx"] + ["ContinueRetrievePropertiesEx"] * 3
+    assert views == [[vim.VirtualMachine], [vim.HostSystem]]
+    assert backend.calls == 2 + 4  # two views, four pages: nothing per object
+
+
+def test_login_without_credentials_is_a_clear_error() -> None:
+    backend = backend_mod.VsphereBackend(with_credentials(parse_endpoint("vsphere://esx01"), Credentials()), 5)
+    backend._content = SimpleNamespace()
+    with pytest.raises(EndpointError, match="esx01: no credentials"):
+        backend._login()
+
+
+def test_invalid_login_names_the_user_not_the_password() -> None:
+    from pyVmomi import vim
+
+    ep = with_credentials(parse_endpoint("vsphere://esx01"), Credentials("root", "hunter2-x", True))
+    backend = backend_mod.VsphereBackend(ep, 5)
+    err = backend._fail(vim.fault.InvalidLogin())
+    assert str(err) == "esx01: login refused for user 'root' (wrong user name or password)"
+    assert "hunter2" not in str(err)

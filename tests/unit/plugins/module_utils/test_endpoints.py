@@ -1,0 +1,94 @@
+"""Endpoint, probe-range and credential parsing: every bad input is one line naming option and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
+    MAX_PROBE_ADDRESSES,
+    Credentials,
+    check_rules_match,
+    credentials_for,
+    env_credentials,
+    parse_credential_rules,
+    parse_endpoint,
+    probe_addresses,
+    probe_ports,
+)
+from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
+
+
+@pytest.mark.parametrize(("uri", "api", "host", "port"), [
+    ("vsphere://esx01.example.com", "vsphere", "esx01.example.com", 443),
+    ("vsphere://10.0.0.1:8443", "vsphere", "10.0.0.1", 8443),
+    ("qemu:///system", "libvirt", None, None),
+    ("qemu+ssh://root@kvm01/system", "libvirt", "kvm01", None),
+    ("qemu+tcp://127.0.10.30/system", "libvirt", "127.0.10.30", None),
+    ("test:///default", "libvirt", None, None),
+    ("redfish://bmc01", "redfish", "bmc01", 443),
+    ("redfish+http://127.0.0.1:8000", "redfish", "127.0.0.1", 8000),
+])
+def test_parse_endpoint(uri: str, api: str, host: str | None, port: int | None) -> None:
+    ep = parse_endpoint(uri)
+    assert (ep.api, ep.host, ep.port, ep.uri) == (api, host, port, uri)
+
+
+@pytest.mark.parametrize(("uri", "fragment"), [
+    ("esx01.example.com", "no scheme"),
+    ("ftp://x", "unknown scheme 'ftp'"),
+    ("vsphere://", "no host"),
+    ("vsphere://esx:99999", "port"),
+    ("vsphere://esx/sdk", "no path"),
+    ("", "expected a URI"),
+])
+def test_bad_endpoint_is_one_line_naming_option_and_value(uri: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_endpoint(uri, "endpoints[3].uri")
+    text = str(err.value)
+    assert text.startswith(f"endpoints[3].uri={uri!r}: ")
+    assert fragment in text and "\n" not in text
+
+
+def test_probe_range_expansion_and_cap() -> None:
+    assert probe_addresses("127.0.10.0/30") == ["127.0.10.1", "127.0.10.2"]
+    assert probe_addresses("127.0.10.7") == ["127.0.10.7"]
+    assert len(probe_addresses("127.0.0.0/20")) == MAX_PROBE_ADDRESSES - 2
+    with pytest.raises(ConfigError, match=r"probe='10.0.0.0/19': 8192 addresses; at most 4096"):
+        probe_addresses("10.0.0.0/19")
+    with pytest.raises(ConfigError, match=r"probe='192.0.2.0/33': not an IP address or CIDR"):
+        probe_addresses("192.0.2.0/33")
+
+
+def test_probe_ports() -> None:
+    assert probe_ports(None) == [443, 16509, 16514]
+    assert probe_ports(["443", 8000]) == [443, 8000]
+    with pytest.raises(ConfigError, match="70000 is not a port"):
+        probe_ports([443, 70000])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        probe_ports([])
+
+
+def test_credentials_first_glob_wins_and_env_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMWARE_USER", "envuser")
+    monkeypatch.setenv("VMWARE_PASSWORD", "envpass")
+    monkeypatch.setenv("VMWARE_VALIDATE_CERTS", "false")
+    rules = parse_credential_rules([
+        {"match": "esx*.example.com", "username": "root", "password": "a"},
+        {"match": "*", "username": "other", "password": "b", "validate_certs": True},
+    ], default=Credentials(validate_certs=True))
+    assert credentials_for("ESX01.example.com", rules, Credentials()).username == "root"
+    assert credentials_for("vc.example.com", rules, Credentials()).username == "other"
+    default = env_credentials()
+    assert (default.username, default.password, default.validate_certs) == ("envuser", "envpass", False)
+    assert "envpass" not in repr(default)
+
+
+def test_credentials_errors() -> None:
+    with pytest.raises(ConfigError, match=r"credentials\[0\].match"):
+        parse_credential_rules([{"username": "x"}])
+    with pytest.raises(ConfigError, match=r"credentials\[0\].token"):
+        parse_credential_rules([{"match": "*", "token": "x"}])
+    rules = parse_credential_rules([{"match": "esx*.example.com", "username": "u", "password": "p"}])
+    with pytest.raises(ConfigError, match=r"credentials\[0\].match='esx\*.example.com': matches no endpoint"):
+        check_rules_match(rules, ["kvm01.example.com"], has_probes=False)
+    check_rules_match(rules, ["kvm01.example.com"], has_probes=True)  # a probe may still find a match
