@@ -51,7 +51,7 @@ lab-status: deps
 	@$(LAB) status
 
 # ------------------------------------------------------------------------------------------- checks
-lint: deps
+lint: collection
 	$(BIN)/ruff check plugins tests
 	$(BIN)/mypy
 	$(BIN)/ansible-lint --offline --profile production
@@ -71,7 +71,10 @@ test: lint sanity unit integration
 
 # ------------------------------------------------------------------------------------------- demo
 demo: collection lab-up
-	@$(BIN)/ansible-playbook -i localhost, playbooks/demo.yml
+	@export VMWARE_USER=$$($(BIN)/python -c 'import json; print(json.load(open(".lab/state.json"))["username"])'); \
+	 export VMWARE_PASSWORD=$$($(BIN)/python -c 'import json; print(json.load(open(".lab/state.json"))["password"])'); \
+	 $(BIN)/ansible-inventory -i playbooks/inventory/lab.hypervisors.yml --graph && \
+	 $(BIN)/ansible-playbook -i playbooks/inventory/lab.hypervisors.yml -i localhost, playbooks/demo.yml
 
 build: collection
 	@mkdir -p .build/dist
