@@ -30,7 +30,7 @@ def inventory(path: Path, env: dict[str, str], *extra: str, check: bool = True) 
     out = path.with_suffix(".json")
     out.unlink(missing_ok=True)
     proc = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(path), "--list", "--output", str(out), *extra],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
     if check:
         assert proc.returncode == 0, proc.stderr
         assert "Failed to parse" not in proc.stderr + proc.stdout, proc.stderr
@@ -165,7 +165,7 @@ def test_down_endpoint_is_isolated_and_strict_fails(lab: dict[str, Any], lab_env
                                                     tmp_path: Path) -> None:
     esx01 = lab["vcsim"]["esx01"]["address"]
     config = {"endpoints": [{"uri": "vsphere://127.0.10.99"}, {"uri": f"vsphere://{esx01}"}], "timeout": 3}
-    data, _ = listing(write_inventory(tmp_path, config), lab_env)
+    data, _out = listing(write_inventory(tmp_path, config), lab_env)
     assert group_hosts(data, "unreachable") == {"127.0.10.99"}
     assert "connection refused" in hostvars(data, "127.0.10.99")["virtfleet_error"]
     assert esx01 in group_hosts(data, "esxi")
@@ -208,7 +208,7 @@ def test_cache_hit_contacts_nothing_and_flush_cache_does(lab: dict[str, Any], la
             "cache_plugin": "ansible.builtin.jsonfile",
             "cache_connection": str(tmp_path / "cache"),
         })
-        first, _ = listing(path, lab_env)
+        first, _out = listing(path, lab_env)
         assert ep.address in group_hosts(first, "esxi")
     finally:
         lab_module.stop_pid("vcsim-cachetest")
@@ -220,7 +220,7 @@ def test_cache_hit_contacts_nothing_and_flush_cache_does(lab: dict[str, Any], la
     assert time.monotonic() - start < 30
     cached = "".join(p.read_text() for p in (tmp_path / "cache").iterdir())
     assert lab["password"] not in cached and "password" not in cached
-    flushed, _ = listing(path, lab_env, "--flush-cache")
+    flushed, _out = listing(path, lab_env, "--flush-cache")
     assert group_hosts(flushed, "unreachable") == {ep.address}
 
 
@@ -236,7 +236,7 @@ def test_guest_name_with_a_template_is_never_templated(lab: dict[str, Any], ansi
             "tasks": [{"name": "print", "ansible.builtin.debug": {"msg": "NAME=[{{ virtfleet_guest.name }}]"}}],
         }]))
         proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(path), str(playbook)],
-                              capture_output=True, text=True, env=ansible_env, timeout=300)
+                              capture_output=True, text=True, env=ansible_env, timeout=300, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "NAME=[vftest-{{ 6 * 7 }}]" in proc.stdout
         assert "vftest-42" not in proc.stdout
@@ -265,11 +265,11 @@ def test_hypervisor_info_module(lab: dict[str, Any], ansible_env: dict[str, str]
         ],
     }]))
     proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "--check", str(playbook)],
-                          capture_output=True, text=True, env=ansible_env, timeout=300)
+                          capture_output=True, text=True, env=ansible_env, timeout=300, check=False)
     # --check: the module runs (read-only); copy does not write, so run the dump for real afterwards.
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook)],
-                          capture_output=True, text=True, env=ansible_env, timeout=300)
+                          capture_output=True, text=True, env=ansible_env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["esx"]["changed"] is False
@@ -286,11 +286,11 @@ def test_libvirt_guest_counts_follow_a_domain_start(lab: dict[str, Any], ansible
                                                     libvirt_conn: Any, tmp_path: Path) -> None:
     """Not a hard-coded answer: start a domain and see the running count and groups change."""
     path = write_inventory(tmp_path, {"endpoints": ["qemu:///system"], "guests": True})
-    before, _ = listing(path, ansible_env)
+    before, _out = listing(path, ansible_env)
     dom = libvirt_conn.defineXML(lab_module.domain_xml("vftest-count", lab["domain_type"], 32))
     try:
         dom.create()
-        after, _ = listing(path, ansible_env)
+        after, _out = listing(path, ansible_env)
     finally:
         if dom.isActive():
             dom.destroy()

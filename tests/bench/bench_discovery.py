@@ -1,0 +1,206 @@
+"""make bench-discovery: this collection's inventory against the incumbents, side by side, in one run.
+
+Scenarios (each built here, on loopback, and torn down afterwards):
+  vcenter-1680  a vcsim vCenter, 40 standalone hosts x 40 VMs + 2 clusters x 10 hosts (40 VMs per cluster),
+                2 ms added to every call; `ansible-inventory --list` end to end with guests.
+  esxi-64       64 vcsim ESXi servers on 64 loopback addresses (2 VMs each), against 1 of them.
+  libvirt-500   500 defined domains on the lab's libvirt.
+The incumbents (community.vmware.vmware_vm_inventory, vmware.vmware.vms, community.libvirt.libvirt) come
+from the `ansible` package on PyPI, installed into .build/bench-venv, so they never mix with our venv.
+The table is printed and written to docs/benchmarks.md. Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "lab"))
+import lab  # noqa: E402
+
+OURS = Path(sys.executable).parent
+BENCH_VENV = REPO / ".build" / "bench-venv"
+THEIRS = BENCH_VENV / "bin"
+VCENTER = lab.VcsimEndpoint("bench-vcenter", "127.0.20.10", "vpx",
+                            ("-hosts", "40", "-clusters", "2", "-cluster-hosts", "10", "-vms", "40", "-delay", "2"))
+ESXI = [lab.VcsimEndpoint(f"bench-esx{i:02d}", f"127.0.21.{i}", "esx", ("-vms", "2")) for i in range(1, 65)]
+DOMAINS = 500
+
+
+def ensure_bench_venv() -> None:
+    if (THEIRS / "ansible-inventory").exists():
+        return
+    print("bench: installing the incumbents (the `ansible` package from PyPI) into .build/bench-venv", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([str(THEIRS / "pip"), "install", "-q", "ansible", "pyvmomi", "libvirt-python", "requests"],
+                   check=True)
+
+
+def env_for(ours: bool, password: str) -> dict[str, str]:
+    env = dict(os.environ, ANSIBLE_INVENTORY_UNPARSED_FAILED="1", VMWARE_USER=lab.LAB_USER,
+               VMWARE_PASSWORD=password, ANSIBLE_NOCOLOR="1")
+    if ours:
+        env["ANSIBLE_COLLECTIONS_PATH"] = str(REPO / ".build")
+    else:
+        env.pop("ANSIBLE_COLLECTIONS_PATH", None)
+    return env
+
+
+def run_inventory(ours: bool, sources: list[Path], password: str) -> tuple[float, int | None, int, str]:
+    """Wall seconds, remote calls (ours only), hosts listed, error (empty when it worked)."""
+    exe = (OURS if ours else THEIRS) / "ansible-inventory"
+    args = [str(exe)]
+    for source in sources:
+        args += ["-i", str(source)]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        args += ["--list", "--output", out.name] + (["-v"] if ours else [])
+        start = time.monotonic()
+        proc = subprocess.run(args, capture_output=True, text=True, env=env_for(ours, password), timeout=1800,
+                              check=False)
+        seconds = time.monotonic() - start
+        if proc.returncode != 0:
+            return seconds, None, 0, (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
+        data = json.loads(Path(out.name).read_text() or "{}")
+    hosts = len(data.get("_meta", {}).get("hostvars", {}))
+    calls = sum(int(n) for n in re.findall(r"\((\d+) calls\)", proc.stdout + proc.stderr)) if ours else None
+    return seconds, calls, hosts, ""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def vsphere_sources(work: Path, name: str, ep: lab.VcsimEndpoint, password: str) -> dict[str, list[Path]]:
+    host = ep.address
+    ours = write(work / f"{name}.hypervisors.yml",
+                 f"plugin: virtfleet.core.hypervisors\nendpoints: [vsphere://{host}]\nguests: true\n"
+                 "validate_certs: false\n")
+    cv = write(work / f"{name}.vmware.yml",
+               f"plugin: community.vmware.vmware_vm_inventory\nhostname: {host}\nvalidate_certs: false\n"
+               "with_tags: false\n")
+    vv = write(work / f"{name}.vms.yml",
+               f"plugin: vmware.vmware.vms\nhostname: {host}\nvalidate_certs: false\n")
+    return {"virtfleet.core.hypervisors": [ours], "community.vmware.vmware_vm_inventory": [cv],
+            "vmware.vmware.vms": [vv]}
+
+
+def start_and_wait(eps: list[lab.VcsimEndpoint], password: str, timeout: float = 600) -> None:
+    for ep in eps:
+        lab.start_vcsim(ep, password, name=f"vcsim-{ep.name}")
+    for ep in eps:
+        lab.wait_for(f"vcsim {ep.name}", lambda ep=ep: lab.vcsim_answers(ep.address, ep.port), timeout=timeout)
+
+
+def stop(eps: list[lab.VcsimEndpoint]) -> None:
+    for ep in eps:
+        lab.stop_pid(f"vcsim-{ep.name}")
+
+
+def main() -> int:
+    state = lab.up()
+    password = state["password"]
+    ensure_bench_venv()
+    rows: list[tuple[str, str, float, int | None, int, str]] = []
+    work = Path(tempfile.mkdtemp(prefix="vf-bench-"))
+
+    def measure(scenario: str, tool: str, sources: list[Path], ours: bool) -> None:
+        print(f"bench: {scenario}: {tool} ...", flush=True)
+        seconds, calls, hosts, error = run_inventory(ours, sources, password)
+        rows.append((scenario, tool, seconds, calls, hosts, error))
+        print(f"bench: {scenario}: {tool}: {seconds:.2f}s, {hosts} hosts {error}", flush=True)
+
+    # --- vCenter, 1,680 VMs, 2 ms per call
+    try:
+        start_and_wait([VCENTER], password)
+        for tool, sources in vsphere_sources(work, "vcenter", VCENTER, password).items():
+            measure("vcenter-1680 (2 ms/call)", tool, sources, tool.startswith("virtfleet"))
+    finally:
+        stop([VCENTER])
+
+    # --- 64 ESXi servers vs one
+    try:
+        start_and_wait(ESXI, password)
+        one = write(work / "one.hypervisors.yml", "plugin: virtfleet.core.hypervisors\n"
+                    f"endpoints: [vsphere://{ESXI[0].address}]\nguests: true\nvalidate_certs: false\n")
+        all64 = write(work / "all.hypervisors.yml", "plugin: virtfleet.core.hypervisors\nendpoints:\n"
+                      + "".join(f"  - vsphere://{ep.address}\n" for ep in ESXI)
+                      + "guests: true\nvalidate_certs: false\nmax_workers: 64\n")
+        measure("esxi-1", "virtfleet.core.hypervisors", [one], True)
+        measure("esxi-64", "virtfleet.core.hypervisors", [all64], True)
+        cv_dir = work / "cv64"
+        cv_dir.mkdir()
+        for ep in ESXI:
+            write(cv_dir / f"{ep.name}.vmware.yml", "plugin: community.vmware.vmware_vm_inventory\n"
+                  f"hostname: {ep.address}\nvalidate_certs: false\nwith_tags: false\n")
+        measure("esxi-64", "community.vmware.vmware_vm_inventory", [cv_dir], False)
+    finally:
+        stop(ESXI)
+
+    # --- libvirt, 500 domains
+    import libvirt
+
+    conn = libvirt.open(lab.SYSTEM_URI)
+    names = [f"vfbench-{i:03d}" for i in range(DOMAINS)]
+    try:
+        for name in names:
+            try:
+                conn.lookupByName(name)
+            except libvirt.libvirtError:
+                conn.defineXML(lab.domain_xml(name, state["domain_type"], 32))
+        ours = write(work / "kvm.hypervisors.yml",
+                     "plugin: virtfleet.core.hypervisors\nendpoints: [qemu:///system]\nguests: true\n")
+        theirs = write(work / "kvm.libvirt.yml", "plugin: community.libvirt.libvirt\nuri: qemu:///system\n")
+        measure(f"libvirt-{DOMAINS}", "virtfleet.core.hypervisors", [ours], True)
+        measure(f"libvirt-{DOMAINS}", "community.libvirt.libvirt", [theirs], False)
+    finally:
+        for name in names:
+            try:
+                conn.lookupByName(name).undefine()
+            except libvirt.libvirtError:
+                pass
+        conn.close()
+
+    report(rows)
+    return 0
+
+
+def report(rows: list[tuple[str, str, float, int | None, int, str]]) -> None:
+    ours = {s: t for s, tool, t, _c, _h, e in rows if tool.startswith("virtfleet") and not e}
+    lines = ["| scenario | tool | seconds | remote calls | hosts listed | vs virtfleet |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for scenario, tool, seconds, calls, hosts, error in rows:
+        base = ours.get(scenario)
+        ratio = "1.0x" if tool.startswith("virtfleet") else (f"{seconds / base:.1f}x slower" if base else "")
+        shown = f"failed: {error}" if error else f"{seconds:.2f}"
+        lines.append(f"| {scenario} | {tool} | {shown} | {calls if calls is not None else 'n/a'} | {hosts} | {ratio} |")
+    if "esxi-1" in ours and "esxi-64" in ours:
+        lines.append("")
+        lines.append(f"64 ESXi servers took {ours['esxi-64'] / ours['esxi-1']:.1f}x the time of one.")
+    table = "\n".join(lines)
+    print(table)
+    uname = os.uname()
+    doc = REPO / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    marker = "<!-- bench-discovery -->"
+    section = (f"{marker}\n## Discovery (`make bench-discovery`)\n\nMeasured {time.strftime('%Y-%m-%d')} on "
+               f"{os.cpu_count()} cores ({uname.sysname} {uname.release}), all tools in one run on the same "
+               "simulators. Wall time of `ansible-inventory --list`, end to end; remote calls are this "
+               "collection's own count of SOAP/RPC round trips.\n\n" + table + f"\n{marker}-end\n")
+    if marker in text:
+        text = re.sub(re.escape(marker) + r".*?" + re.escape(marker) + "-end\n", lambda _m: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    doc.write_text(text)
+    print(f"bench: written to {doc.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
