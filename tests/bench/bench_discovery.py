@@ -62,8 +62,11 @@ def run_inventory(ours: bool, sources: list[Path], password: str) -> tuple[float
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         args += ["--list", "--output", out.name] + (["-v"] if ours else [])
         start = time.monotonic()
-        proc = subprocess.run(args, capture_output=True, text=True, env=env_for(ours, password), timeout=1800,
-                              check=False)
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, env=env_for(ours, password), timeout=420,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            return time.monotonic() - start, None, 0, "gave up after 420 s"
         seconds = time.monotonic() - start
         if proc.returncode != 0:
             return seconds, None, 0, (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]

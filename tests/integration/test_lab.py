@@ -10,7 +10,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from pyVmomi import SoapStubAdapter, vim, vmodl
+from pyVmomi import SoapStubAdapter, vim
 
 import lab as lab_module
 
@@ -92,7 +92,7 @@ def test_vcsim_accepts_the_lab_credentials_only(lab: dict[str, Any]) -> None:
     content.sessionManager.Logout()
     with pytest.raises(vim.fault.InvalidLogin):
         content.sessionManager.Login(lab["username"], "not-the-password")
-    with pytest.raises(vmodl.fault.NotAuthenticated):
+    with pytest.raises(vim.fault.NotAuthenticated):
         content.rootFolder.childEntity  # noqa: B018 - a property read that needs a session
 
 
