@@ -69,7 +69,8 @@ def run_inventory(ours: bool, sources: list[Path], password: str) -> tuple[float
             return time.monotonic() - start, None, 0, "gave up after 420 s"
         seconds = time.monotonic() - start
         if proc.returncode != 0:
-            return seconds, None, 0, (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
+            lines = [ln for ln in proc.stderr.splitlines() if "Failed to parse" in ln or "ERROR" in ln]
+            return seconds, None, 0, (lines or ["failed"])[0][:200]
         data = json.loads(Path(out.name).read_text() or "{}")
     hosts = len(data.get("_meta", {}).get("hostvars", {}))
     calls = sum(int(n) for n in re.findall(r"\((\d+) calls\)", proc.stdout + proc.stderr)) if ours else None
@@ -181,7 +182,12 @@ def report(rows: list[tuple[str, str, float, int | None, int, str]]) -> None:
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for scenario, tool, seconds, calls, hosts, error in rows:
         base = ours.get(scenario)
-        ratio = "1.0x" if tool.startswith("virtfleet") else (f"{seconds / base:.1f}x slower" if base else "")
+        if tool.startswith("virtfleet"):
+            ratio = "1.0x"
+        elif error or not base:
+            ratio = "n/a"
+        else:
+            ratio = f"{seconds / base:.1f}x the time"
         shown = f"failed: {error}" if error else f"{seconds:.2f}"
         lines.append(f"| {scenario} | {tool} | {shown} | {calls if calls is not None else 'n/a'} | {hosts} | {ratio} |")
     if "esxi-1" in ours and "esxi-64" in ours:
