@@ -143,6 +143,10 @@ def stop_pid(name: str, timeout: float = 15.0) -> bool:
         log(f"{name} (pid {pid}) ignored SIGTERM; sending SIGKILL")
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
+    try:
+        os.waitpid(pid, 0)  # reap our own child now that it has exited, so no zombie is left behind
+    except ChildProcessError:
+        pass  # not our child: its parent (init) reaps it
     pid_file(name).unlink(missing_ok=True)
     return True
 
