@@ -9,7 +9,12 @@ modules) reads only these. Units are fixed: MiB for memory, GiB for storage, MHz
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+import hashlib
+import json
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._errors import ConfigError
 
 POWER_STATES = ("running", "stopped", "paused", "suspended", "unknown")
 
@@ -164,3 +169,272 @@ def mib(value_bytes: Optional[float]) -> Optional[int]:
 
 def gib(value_bytes: Optional[float]) -> Optional[float]:
     return None if value_bytes is None else round(value_bytes / (1024**3), 2)
+
+
+# ====================================================================================== desired guests
+# The declarative side: what a user wants a guest to be. ``None`` means "not set by the user": the
+# planner never compares (or changes) a field the user left out.
+
+GUEST_STATES = ("present", "running", "stopped", "absent")
+FIRMWARES = ("bios", "uefi")
+DISK_FORMATS = ("qcow2", "raw", "thin", "thick", "eagerzeroedthick")
+DISK_BUSES = ("virtio", "scsi", "sata", "ide", "nvme")
+NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "pcnet32")
+OWNER_TAG = "virtfleet.core"
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclasses.dataclass
+class DiskSpec:
+    """A guest disk, identified by NAME (libvirt: a user alias ``ua-NAME`` or the target dev; vSphere: label)."""
+
+    name: str
+    size_gib: Optional[float] = None
+    pool: Optional[str] = None  # libvirt storage pool or vSphere datastore
+    format: Optional[str] = None
+    source: Optional[str] = None  # image/volume to copy from at creation
+    bus: Optional[str] = None
+
+
+@dataclasses.dataclass
+class NicSpec:
+    """A NIC, matched by MAC when given, else by network (first unmatched NIC on that network)."""
+
+    network: str
+    mac: Optional[str] = None
+    model: Optional[str] = None
+
+
+@dataclasses.dataclass
+class CloudInit:
+    user_data: Optional[str] = None
+    meta_data: Optional[str] = None
+    network_config: Optional[str] = None
+    # Set by backends reading a guest back: the digest recorded when the seed was written.
+    stored_digest: Optional[str] = None
+
+    def digest(self) -> str:
+        """What the planner compares: a hash of the three documents (the seed holds exactly these)."""
+        if self.stored_digest:
+            return self.stored_digest
+        blob = json.dumps([self.user_data, self.meta_data, self.network_config]).encode("utf-8")
+        return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class BootSpec:
+    """Direct kernel boot (libvirt)."""
+
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: Optional[str] = None
+
+
+@dataclasses.dataclass
+class GuestSpec:
+    name: str
+    uuid: Optional[str] = None
+    vcpus: Optional[int] = None
+    memory_mib: Optional[int] = None
+    firmware: Optional[str] = None
+    disks: Optional[List[DiskSpec]] = None
+    nics: Optional[List[NicSpec]] = None
+    cloud_init: Optional[CloudInit] = None
+    boot: Optional[BootSpec] = None
+    autostart: Optional[bool] = None
+    tags: Optional[Dict[str, str]] = None
+    state: str = "present"
+
+    def facts(self) -> Dict[str, Any]:
+        """The normalised model as users see it in results and diffs (cloud-init as its digest)."""
+        data = dataclasses.asdict(self)
+        data.pop("state")
+        data["cloud_init"] = self.cloud_init.digest() if self.cloud_init else None
+        return data
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a new guest goes. libvirt reads only ``pool``; vSphere reads all of them (``pool`` = datastore)."""
+
+    datacenter: Optional[str] = None
+    cluster: Optional[str] = None
+    esxi_host: Optional[str] = None
+    pool: Optional[str] = None
+    folder: Optional[str] = None
+    resource_pool: Optional[str] = None
+
+
+@dataclasses.dataclass
+class GuestState:
+    """A guest as it is: SPEC is fully filled (every field read back and normalised), plus what only
+    the hypervisor knows."""
+
+    spec: GuestSpec
+    power_state: str
+    owned: bool = False  # carries this collection's ownership tag
+    created_disks: List[str] = dataclasses.field(default_factory=list)  # disk names this collection created
+    max_vcpus: Optional[int] = None  # highest vCPU count reachable without a restart
+    max_memory_mib: Optional[int] = None  # highest memory reachable without a restart
+    ref: Any = None  # backend handle (libvirt domain, vSphere moref)
+
+
+@dataclasses.dataclass
+class HostCapacity:
+    """What bad input is checked against before anything changes."""
+
+    vcpus: Optional[int] = None
+    memory_mib: Optional[int] = None
+    networks: List[str] = dataclasses.field(default_factory=list)
+    pools: List[str] = dataclasses.field(default_factory=list)
+    default_pool: Optional[str] = None
+    macs: Dict[str, str] = dataclasses.field(default_factory=dict)  # MAC in use -> guest name
+
+
+def _where(name: str, field: str) -> str:
+    return f"guest {name!r} {field}"
+
+
+def _positive_number(name: str, field: str, value: Any, integer: bool) -> Any:
+    if value is None:
+        return None
+    kind = int if integer else float
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+        if integer and float(value) != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(_where(name, field), value, f"must be {'an integer' if integer else 'a number'}") from None
+    if number <= 0:
+        raise ConfigError(_where(name, field), value, "must be greater than zero")
+    return number
+
+
+def _choice(name: str, field: str, value: Any, choices: Tuple[str, ...]) -> Optional[str]:
+    if value is None:
+        return None
+    if value not in choices:
+        raise ConfigError(_where(name, field), value, f"must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _only(name: str, field: str, data: Dict[str, Any], allowed: Tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(_where(name, f"{field}.{unknown[0]}"), data[unknown[0]],
+                          f"unknown option; expected one of {', '.join(allowed)}")
+
+
+def normalise_mac(value: str) -> str:
+    return value.strip().lower().replace("-", ":")
+
+
+def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
+    """Validate one guest as given by a user (module options, or one entry of ``guests``); ConfigError
+    names the guest, the field and the value. Nothing is contacted here."""
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError("name", name, "must be 1-80 letters, digits, '.', '_' or '-', starting with a letter "
+                                        "or digit")
+    _only(name, "", {k: v for k, v in data.items() if v is not None}, GUEST_OPTIONS)
+    uuid = data.get("uuid")
+    if uuid is not None:
+        uuid = str(uuid).lower()
+        if not _UUID.match(uuid):
+            raise ConfigError(_where(name, "uuid"), data["uuid"], "must be a UUID like 1b4e28ba-2fa1-11d2-883f-"
+                                                                  "0016d3cca427")
+    disks = None
+    if data.get("disks") is not None:
+        disks, seen = [], set()
+        for i, raw in enumerate(data["disks"]):
+            field = f"disks[{i}]"
+            if not isinstance(raw, dict):
+                raise ConfigError(_where(name, field), raw, "must be a dict")
+            _only(name, field, raw, ("name", "size_gib", "pool", "datastore", "format", "source", "bus"))
+            disk_name = raw.get("name")
+            if not isinstance(disk_name, str) or not _NAME.match(disk_name):
+                raise ConfigError(_where(name, f"{field}.name"), disk_name, "must be a short name like 'root'")
+            if disk_name in seen:
+                raise ConfigError(_where(name, f"{field}.name"), disk_name, "duplicate disk name")
+            seen.add(disk_name)
+            pool = raw.get("pool") or raw.get("datastore")
+            disks.append(DiskSpec(name=disk_name, size_gib=_positive_number(name, f"{field}.size_gib",
+                                                                            raw.get("size_gib"), False),
+                                  pool=pool, format=_choice(name, f"{field}.format", raw.get("format"), DISK_FORMATS),
+                                  source=raw.get("source"),
+                                  bus=_choice(name, f"{field}.bus", raw.get("bus"), DISK_BUSES)))
+    nics = None
+    if data.get("nics") is not None:
+        nics, macs = [], set()
+        for i, raw in enumerate(data["nics"]):
+            field = f"nics[{i}]"
+            if not isinstance(raw, dict):
+                raise ConfigError(_where(name, field), raw, "must be a dict")
+            _only(name, field, raw, ("network", "mac", "model"))
+            if not raw.get("network"):
+                raise ConfigError(_where(name, f"{field}.network"), raw.get("network"), "is required")
+            mac = raw.get("mac")
+            if mac is not None:
+                mac = normalise_mac(str(mac))
+                if not _MAC.match(mac):
+                    raise ConfigError(_where(name, f"{field}.mac"), raw["mac"], "is not a MAC address "
+                                                                                "(aa:bb:cc:dd:ee:ff)")
+                if int(mac[:2], 16) & 1:
+                    raise ConfigError(_where(name, f"{field}.mac"), raw["mac"], "is a multicast MAC address")
+                if mac in macs:
+                    raise ConfigError(_where(name, f"{field}.mac"), raw["mac"], "duplicate MAC address")
+                macs.add(mac)
+            nics.append(NicSpec(network=str(raw["network"]), mac=mac,
+                                model=_choice(name, f"{field}.model", raw.get("model"), NIC_MODELS)))
+    cloud_init = None
+    if data.get("cloud_init") is not None:
+        raw = data["cloud_init"]
+        if not isinstance(raw, dict):
+            raise ConfigError(_where(name, "cloud_init"), raw, "must be a dict")
+        _only(name, "cloud_init", raw, ("user_data", "meta_data", "network_config"))
+        docs = {k: (v if v is None or isinstance(v, str) else json.dumps(v)) for k, v in raw.items()}
+        cloud_init = CloudInit(**docs)
+    boot = None
+    if data.get("boot") is not None:
+        raw = data["boot"]
+        if not isinstance(raw, dict):
+            raise ConfigError(_where(name, "boot"), raw, "must be a dict")
+        _only(name, "boot", raw, ("kernel", "initrd", "cmdline"))
+        if not raw.get("kernel"):
+            raise ConfigError(_where(name, "boot.kernel"), raw.get("kernel"), "is required for direct kernel boot")
+        boot = BootSpec(kernel=raw.get("kernel"), initrd=raw.get("initrd"), cmdline=raw.get("cmdline"))
+    tags = None
+    if data.get("tags") is not None:
+        if not isinstance(data["tags"], dict):
+            raise ConfigError(_where(name, "tags"), data["tags"], "must be a dict of strings")
+        tags = {}
+        for key, value in data["tags"].items():
+            if not _TAG_KEY.match(str(key)):
+                raise ConfigError(_where(name, f"tags.{key}"), value, "tag names are 1-64 letters, digits, '_.-'")
+            tags[str(key)] = "" if value is None else str(value)
+    autostart = data.get("autostart")
+    if autostart is not None and not isinstance(autostart, bool):
+        raise ConfigError(_where(name, "autostart"), autostart, "must be true or false")
+    return GuestSpec(
+        name=name,
+        uuid=uuid,
+        vcpus=_positive_number(name, "vcpus", data.get("vcpus"), True),
+        memory_mib=_positive_number(name, "memory_mib", data.get("memory_mib"), True),
+        firmware=_choice(name, "firmware", data.get("firmware"), FIRMWARES),
+        disks=disks,
+        nics=nics,
+        cloud_init=cloud_init,
+        boot=boot,
+        autostart=autostart,
+        tags=tags,
+        state=_choice(name, "state", data.get("state") or "present", GUEST_STATES) or "present",
+    )
+
+
+GUEST_OPTIONS = ("name", "uuid", "vcpus", "memory_mib", "firmware", "disks", "nics", "cloud_init", "boot",
+                 "autostart", "tags", "state")

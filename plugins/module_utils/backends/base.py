@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from .._endpoints import Endpoint
-from .._model import Discovery, Identity
+from .._model import Discovery, GuestSpec, GuestState, HostCapacity, Identity, Placement
+from .._plan import BackendDefaults, GuestPlan
 
 
 class HypervisorBackend(abc.ABC):
@@ -40,6 +41,51 @@ class HypervisorBackend(abc.ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class GuestBackend(HypervisorBackend):
+    """A backend that can also change guests. The planner decides; these methods only carry out.
+
+    Every method may raise EndpointError (one line, naming the endpoint) and nothing else on purpose.
+    Mutators are only ever called outside check mode, after every guest of the run was planned.
+    """
+
+    defaults: BackendDefaults = BackendDefaults()
+
+    # ------------------------------------------------------------------ reads (bulk)
+    @abc.abstractmethod
+    def capacity(self, placement: Placement) -> HostCapacity:
+        """The host a new guest would land on: CPUs, memory, networks, pools/datastores, MACs in use."""
+
+    @abc.abstractmethod
+    def read_guests(self, placement: Placement) -> List[GuestState]:
+        """Every guest within reach, normalised into GuestState, in a fixed number of round trips."""
+
+    def verify_spec(self, spec: GuestSpec) -> None:
+        """Raise ConfigError for a field this hypervisor cannot do (called for every guest before any change)."""
+
+    # ------------------------------------------------------------------ mutators
+    @abc.abstractmethod
+    def create_guest(self, spec: GuestSpec, placement: Placement) -> None:
+        """Create the guest described by SPEC (complete: the planner filled defaults, MACs, pools), with its
+        disks and first-boot seed, powered off. Cleans up what it made if it fails half-way."""
+
+    @abc.abstractmethod
+    def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
+        """Apply PLAN.changes: changes marked live also to the running guest, all to the persistent config."""
+
+    @abc.abstractmethod
+    def start_guest(self, current: GuestState) -> None:
+        """Power on (or resume) and return once the hypervisor reports it running."""
+
+    @abc.abstractmethod
+    def stop_guest(self, current: GuestState, timeout: float, force: bool) -> None:
+        """ACPI/guest shutdown, wait up to TIMEOUT; then power off if FORCE, else raise EndpointError."""
+
+    @abc.abstractmethod
+    def remove_guest(self, current: GuestState, remove_storage: bool) -> None:
+        """Power off if needed and remove the definition (nvram, snapshots metadata, managed save included).
+        Disks are kept unless REMOVE_STORAGE, and then only those in current.created_disks."""
 
 
 def backend_for(endpoint: Endpoint, timeout: float = 10.0) -> HypervisorBackend:

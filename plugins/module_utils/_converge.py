@@ -1,0 +1,153 @@
+# Copyright: virtfleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Read -> plan -> apply -> read back, for one guest or many on one endpoint. Readable top to bottom.
+
+Everything that can be wrong with the input is found while planning, for every guest, before the first
+mutator runs; in check mode no mutator runs at all. Guests are applied in parallel (their waits overlap).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+from ._errors import ConfigError, VirtfleetError, one_line
+from ._model import GuestSpec, GuestState, Placement
+from ._plan import GuestPlan, Planner, PlanOptions
+from .backends.base import GuestBackend
+
+
+@dataclasses.dataclass
+class RunOptions:
+    plan: PlanOptions = dataclasses.field(default_factory=PlanOptions)
+    exclusive: bool = False
+    shutdown_timeout: float = 120.0
+    check_mode: bool = False
+    max_workers: int = 8
+
+
+@dataclasses.dataclass
+class GuestResult:
+    name: str
+    changed: bool
+    action: str
+    changes: List[Dict[str, Any]]
+    restart_required: bool
+    guest: Optional[Dict[str, Any]]
+    before: Optional[Dict[str, Any]]
+    failed: bool = False
+    msg: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("before")
+        return data
+
+
+def find_current(spec: GuestSpec, states: List[GuestState]) -> Optional[GuestState]:
+    """The guest SPEC describes: by uuid when given (names are not unique on vSphere), else by name."""
+    if spec.uuid:
+        for state in states:
+            if state.spec.uuid == spec.uuid:
+                return state
+    same_name = [s for s in states if s.spec.name == spec.name]
+    if len(same_name) > 1:
+        raise ConfigError(f"guest {spec.name!r} name", spec.name,
+                          f"{len(same_name)} guests have this name; set uuid to say which one")
+    return same_name[0] if same_name else None
+
+
+def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,
+             options: RunOptions) -> List[GuestPlan]:
+    """Every guest's plan, or a ConfigError for the first bad one; nothing is changed here."""
+    seen: Dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            raise ConfigError(f"guests[{i}].name", spec.name, f"listed twice (also guests[{seen[spec.name]}])")
+        seen[spec.name] = i
+        backend.verify_spec(spec)
+    capacity = backend.capacity(placement)
+    states = backend.read_guests(placement)
+    planner = Planner(capacity, backend.defaults, options.plan)
+    plans = [planner.plan(spec, find_current(spec, states)) for spec in specs]
+    if options.exclusive:
+        wanted = {p.current.spec.uuid for p in plans if p.current is not None} | {s.name for s in specs}
+        for state in states:
+            if state.owned and state.spec.name not in wanted and state.spec.uuid not in wanted:
+                plans.append(planner.plan(GuestSpec(name=state.spec.name, state="absent"), state))
+    return plans
+
+
+def _apply(backend: GuestBackend, plan: GuestPlan, placement: Placement, options: RunOptions) -> None:
+    current = plan.current
+    if plan.action == "remove" and current is not None:
+        backend.remove_guest(current, plan.remove_storage)
+        return
+    if plan.action == "create" and plan.after is not None:
+        backend.create_guest(plan.after, placement)
+        if plan.power == "start":
+            created = [s for s in backend.read_guests(placement) if s.spec.name == plan.after.name]
+            backend.start_guest(created[0])
+        return
+    if current is None:
+        return
+    if plan.action == "update" and any(c.field != "power_state" for c in plan.changes):
+        backend.update_guest(current, plan)
+    if plan.power == "start":
+        backend.start_guest(current)
+    elif plan.power == "stop":
+        backend.stop_guest(current, options.shutdown_timeout, options.plan.force)
+    elif plan.power == "restart":
+        backend.stop_guest(current, options.shutdown_timeout, options.plan.force)
+        backend.start_guest(current)
+
+
+def converge(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,
+             options: RunOptions) -> List[GuestResult]:
+    """Plan every guest, then (outside check mode) apply the plans in parallel and read the guests back."""
+    plans = plan_all(backend, specs, placement, options)
+    errors: Dict[int, str] = {}
+    if not options.check_mode:
+        todo = [i for i, p in enumerate(plans) if p.changed]
+        if todo:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(options.max_workers, len(todo)))) as pool:
+                futures = {pool.submit(_apply, backend, plans[i], placement, options): i for i in todo}
+                for future in concurrent.futures.as_completed(futures):
+                    try:
+                        future.result()
+                    except VirtfleetError as exc:
+                        errors[futures[future]] = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - reported per guest, never a bare traceback
+                        errors[futures[future]] = f"{type(exc).__name__}: {one_line(exc)}"
+    after: Dict[str, GuestState] = {}
+    if not options.check_mode and any(p.changed for p in plans):
+        after = {s.spec.name: s for s in backend.read_guests(placement)}
+    results = []
+    for i, plan in enumerate(plans):
+        name = plan.desired.name
+        if options.check_mode or not plan.changed:
+            facts = plan.after.facts() if plan.after is not None else None
+        else:
+            facts = after[name].spec.facts() if name in after else None
+        if facts is not None and options.check_mode and plan.action == "create":
+            facts["uuid"] = plan.desired.uuid  # known after creation only, unless the user set it
+        results.append(GuestResult(
+            name=name,
+            changed=plan.changed,
+            action=plan.action,
+            changes=[c.to_dict() for c in plan.changes],
+            restart_required=plan.restart_required,
+            guest=facts,
+            before=plan.current.spec.facts() if plan.current is not None else None,
+            failed=i in errors,
+            msg=errors.get(i),
+        ))
+    return results
+
+
+def diff_of(results: List[GuestResult]) -> Dict[str, Any]:
+    """Before/after of the normalised model (never raw XML or a ConfigSpec), only for changed guests."""
+    before = {r.name: r.before for r in results if r.changed}
+    after = {r.name: r.guest for r in results if r.changed}
+    return {"before": before, "after": after}

@@ -1,0 +1,318 @@
+# Copyright: virtfleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Desired guest + actual guest -> an ordered plan of changes. Pure: no hypervisor library, no I/O.
+
+One step per attribute group (CPU, memory, firmware/boot, disks, NICs, first-boot data, tags, power):
+verify the desired value against the host, compare it in normalised form with what is there, and
+record a Change marked ``live`` (takes effect on the running guest) or not (needs a restart).
+Only fields the user set are compared, so a hypervisor's defaults and rewriting never show as changes.
+Every error is raised while planning, before any backend mutator runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from typing import Any, Dict, List, Optional, Set
+
+from ._errors import ConfigError
+from ._model import DiskSpec, GuestSpec, GuestState, HostCapacity, NicSpec
+
+# Defaults of a new guest for fields the user left out (the hypervisor's own defaults would make
+# check mode guess; these make it exact).
+NEW_GUEST_DEFAULTS: Dict[str, Any] = {"vcpus": 1, "memory_mib": 1024, "firmware": "bios", "autostart": False}
+
+
+@dataclasses.dataclass
+class Change:
+    field: str
+    before: Any
+    after: Any
+    live: bool = True
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GuestPlan:
+    desired: GuestSpec
+    current: Optional[GuestState]
+    action: str = "none"  # create | update | remove | none
+    changes: List[Change] = dataclasses.field(default_factory=list)
+    power: Optional[str] = None  # start | stop | restart
+    restart_required: bool = False
+    remove_storage: bool = False
+    after: Optional[GuestSpec] = None  # the model expected after the run (None when removed)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and self.current.power_state == "running"
+
+
+@dataclasses.dataclass
+class PlanOptions:
+    allow_restart: bool = False
+    remove_storage: bool = False
+    force: bool = False
+
+
+@dataclasses.dataclass
+class BackendDefaults:
+    """What a backend gives a new disk or NIC when the user does not say."""
+
+    disk_format: str = "qcow2"
+    disk_bus: str = "virtio"
+    nic_model: str = "virtio"
+    mac_prefix: str = "52:54:00"
+
+
+def _err(name: str, field: str, value: Any, problem: str) -> ConfigError:
+    return ConfigError(f"guest {name!r} {field}", value, problem)
+
+
+def generated_mac(prefix: str, guest: str, index: int, taken: Set[str]) -> str:
+    """A MAC derived from the guest name and NIC position: the same in check mode and the real run."""
+    salt = 0
+    while True:
+        digest = hashlib.sha256(f"{guest}/{index}/{salt}".encode()).hexdigest()
+        tail = ":".join(digest[i:i + 2] for i in range(0, 6, 2))
+        if prefix == "00:50:56":  # VMware's manual range is 00:50:56:00:00:00-00:50:56:3f:ff:ff
+            tail = f"{int(digest[0:2], 16) & 0x3F:02x}" + tail[2:]
+        mac = f"{prefix}:{tail}"
+        if mac not in taken:
+            return mac
+        salt += 1
+
+
+class Planner:
+    """Plans guests against one host. Keeps the MACs already claimed so that two guests of one
+    ``guests`` call cannot take the same address."""
+
+    def __init__(self, capacity: HostCapacity, defaults: BackendDefaults, options: PlanOptions) -> None:
+        self.capacity = capacity
+        self.defaults = defaults
+        self.options = options
+        self.claimed_macs: Dict[str, str] = dict(capacity.macs)
+
+    # ------------------------------------------------------------------ entry point
+    def plan(self, desired: GuestSpec, current: Optional[GuestState]) -> GuestPlan:
+        plan = GuestPlan(desired=desired, current=current)
+        if desired.state == "absent":
+            if current is not None:
+                plan.action = "remove"
+                plan.remove_storage = self.options.remove_storage
+                plan.changes.append(Change("guest", "present", "absent"))
+            return plan
+        if current is None:
+            return self._plan_create(desired, plan)
+        return self._plan_update(desired, current, plan)
+
+    # ------------------------------------------------------------------ verify (shared by create and update)
+    def _verify_host(self, spec: GuestSpec) -> None:
+        cap = self.capacity
+        if spec.vcpus is not None and cap.vcpus and spec.vcpus > cap.vcpus:
+            raise _err(spec.name, "vcpus", spec.vcpus, f"more than the host's {cap.vcpus} logical CPUs")
+        if spec.memory_mib is not None and cap.memory_mib and spec.memory_mib > cap.memory_mib:
+            raise _err(spec.name, "memory_mib", spec.memory_mib, f"more than the host's {cap.memory_mib} MiB")
+        for i, nic in enumerate(spec.nics or []):
+            if cap.networks and nic.network not in cap.networks:
+                raise _err(spec.name, f"nics[{i}].network", nic.network,
+                           f"no such network on the host (known: {', '.join(sorted(cap.networks))})")
+
+    def _verify_new_disk(self, name: str, index: int, disk: DiskSpec) -> DiskSpec:
+        pool = disk.pool or self.capacity.default_pool
+        if not pool:
+            raise _err(name, f"disks[{index}].pool", disk.pool, "no pool/datastore given and the host has no default")
+        if self.capacity.pools and pool not in self.capacity.pools:
+            raise _err(name, f"disks[{index}].pool", pool,
+                       f"no such pool/datastore on the host (known: {', '.join(sorted(self.capacity.pools))})")
+        if disk.size_gib is None and not disk.source:
+            raise _err(name, f"disks[{index}].size_gib", None, "a new disk needs size_gib or source")
+        return DiskSpec(name=disk.name, size_gib=disk.size_gib, pool=pool,
+                        format=disk.format or self.defaults.disk_format, source=disk.source,
+                        bus=disk.bus or self.defaults.disk_bus)
+
+    def _claim_mac(self, name: str, index: int, nic: NicSpec, own: Set[str]) -> NicSpec:
+        """A new NIC's MAC: the user's (checked free) or a generated one."""
+        if nic.mac is not None:
+            holder = self.claimed_macs.get(nic.mac)
+            if holder is not None and holder != name:
+                raise _err(name, f"nics[{index}].mac", nic.mac, f"already used by guest {holder!r}")
+            mac = nic.mac
+        else:
+            mac = generated_mac(self.defaults.mac_prefix, name, index, set(self.claimed_macs) | own)
+        self.claimed_macs[mac] = name
+        return NicSpec(network=nic.network, mac=mac, model=nic.model or self.defaults.nic_model)
+
+    # ------------------------------------------------------------------ create
+    def _plan_create(self, desired: GuestSpec, plan: GuestPlan) -> GuestPlan:
+        self._verify_host(desired)
+        after = copy.deepcopy(desired)
+        for key, value in NEW_GUEST_DEFAULTS.items():
+            if getattr(after, key) is None:
+                setattr(after, key, value)
+        self._verify_host(after)
+        after.disks = [self._verify_new_disk(desired.name, i, d) for i, d in enumerate(desired.disks or [])]
+        own: Set[str] = set()
+        nics = []
+        for i, nic in enumerate(desired.nics or []):
+            claimed = self._claim_mac(desired.name, i, nic, own)
+            own.add(claimed.mac or "")
+            nics.append(claimed)
+        after.nics = nics
+        after.tags = dict(desired.tags or {})
+        plan.action = "create"
+        plan.after = after
+        plan.changes.append(Change("guest", "absent", "present"))
+        if desired.state == "running":
+            plan.power = "start"
+            plan.changes.append(Change("power_state", "stopped", "running"))
+        return plan
+
+    # ------------------------------------------------------------------ update
+    def _plan_update(self, desired: GuestSpec, current: GuestState, plan: GuestPlan) -> GuestPlan:
+        name = desired.name
+        self._verify_host(desired)
+        have = current.spec
+        if desired.uuid is not None and have.uuid and desired.uuid != have.uuid:
+            raise _err(name, "uuid", desired.uuid, f"the guest named {name!r} has uuid {have.uuid}")
+        after = copy.deepcopy(have)
+        running = current.power_state == "running"
+        changes = plan.changes
+
+        def change(field: str, before: Any, value: Any, live: bool) -> None:
+            changes.append(Change(field, before, value, live or not running))
+
+        # CPU and memory: live when growing within what the guest can take without a restart.
+        if desired.vcpus is not None and desired.vcpus != have.vcpus:
+            grow = have.vcpus is not None and desired.vcpus > have.vcpus
+            change("vcpus", have.vcpus, desired.vcpus, grow and desired.vcpus <= (current.max_vcpus or 0))
+            after.vcpus = desired.vcpus
+        if desired.memory_mib is not None and desired.memory_mib != have.memory_mib:
+            grow = have.memory_mib is not None and desired.memory_mib > have.memory_mib
+            change("memory_mib", have.memory_mib, desired.memory_mib,
+                   grow and desired.memory_mib <= (current.max_memory_mib or 0))
+            after.memory_mib = desired.memory_mib
+        # Firmware and kernel boot are read at power-on only.
+        if desired.firmware is not None and desired.firmware != have.firmware:
+            change("firmware", have.firmware, desired.firmware, False)
+            after.firmware = desired.firmware
+        if desired.boot is not None:
+            have_boot = have.boot or type(desired.boot)()
+            for key in ("kernel", "initrd", "cmdline"):
+                want = getattr(desired.boot, key)
+                if want is not None and want != getattr(have_boot, key):
+                    change(f"boot.{key}", getattr(have_boot, key), want, False)
+                    if after.boot is None:
+                        after.boot = type(desired.boot)()
+                    setattr(after.boot, key, want)
+        if desired.autostart is not None and desired.autostart != have.autostart:
+            change("autostart", have.autostart, desired.autostart, True)
+            after.autostart = desired.autostart
+        if desired.tags is not None and desired.tags != (have.tags or {}):
+            change("tags", have.tags or {}, desired.tags, True)
+            after.tags = dict(desired.tags)
+        # First-boot data: a new seed is read by cloud-init at the next boot.
+        if desired.cloud_init is not None:
+            want_digest = desired.cloud_init.digest()
+            have_digest = have.cloud_init.digest() if have.cloud_init else None
+            if want_digest != have_digest:
+                change("cloud_init", have_digest, want_digest, False)
+                after.cloud_init = desired.cloud_init
+        self._plan_disks(desired, current, after, change)
+        self._plan_nics(desired, current, after, change)
+
+        plan.restart_required = any(not c.live for c in changes)
+        if changes:
+            plan.action = "update"
+        self._plan_power(desired, current, plan)
+        plan.after = after
+        return plan
+
+    def _plan_disks(self, desired: GuestSpec, current: GuestState, after: GuestSpec, change: Any) -> None:
+        have = {d.name: d for d in current.spec.disks or []}
+        after_disks = after.disks if after.disks is not None else []
+        for i, disk in enumerate(desired.disks or []):
+            old = have.get(disk.name)
+            if old is None:
+                new = self._verify_new_disk(desired.name, i, disk)
+                change(f"disks[{disk.name}]", None, dataclasses.asdict(new), True)
+                after_disks.append(new)
+                continue
+            if disk.size_gib is not None and old.size_gib is not None:
+                if disk.size_gib < old.size_gib - 0.005:
+                    raise _err(desired.name, f"disks[{i}].size_gib", disk.size_gib,
+                               f"disk {disk.name!r} is {old.size_gib:g} GiB; shrinking a disk is not supported")
+                if disk.size_gib > old.size_gib + 0.005:
+                    change(f"disks[{disk.name}].size_gib", old.size_gib, disk.size_gib, True)
+                    _replace(after_disks, disk.name, size_gib=disk.size_gib)
+            if disk.bus is not None and old.bus is not None and disk.bus != old.bus:
+                change(f"disks[{disk.name}].bus", old.bus, disk.bus, False)
+                _replace(after_disks, disk.name, bus=disk.bus)
+        after.disks = after_disks
+
+    def _plan_nics(self, desired: GuestSpec, current: GuestState, after: GuestSpec, change: Any) -> None:
+        if desired.nics is None:
+            return
+        have = list(current.spec.nics or [])
+        matched: Set[int] = set()
+        after_nics = after.nics if after.nics is not None else []
+        own = {n.mac for n in have if n.mac}
+        for i, nic in enumerate(desired.nics):
+            index = None
+            for j, old in enumerate(have):
+                if j in matched:
+                    continue
+                if (nic.mac is not None and old.mac == nic.mac) or (nic.mac is None and old.network == nic.network):
+                    index = j
+                    break
+            if index is None:
+                new = self._claim_mac(desired.name, i, nic, own)
+                own.add(new.mac or "")
+                change(f"nics[{new.mac}]", None, dataclasses.asdict(new), True)
+                after_nics.append(new)
+                continue
+            matched.add(index)
+            old = have[index]
+            if nic.network != old.network:
+                change(f"nics[{old.mac}].network", old.network, nic.network, True)
+                after_nics[index].network = nic.network
+            if nic.model is not None and nic.model != old.model:
+                change(f"nics[{old.mac}].model", old.model, nic.model, False)
+                after_nics[index].model = nic.model
+        after.nics = after_nics
+
+    def _plan_power(self, desired: GuestSpec, current: GuestState, plan: GuestPlan) -> None:
+        state = current.power_state
+        if desired.state == "running":
+            if state != "running":
+                plan.power = "start"
+                plan.changes.append(Change("power_state", state, "running"))
+                plan.restart_required = False  # a start applies everything
+            elif plan.restart_required and self.options.allow_restart:
+                plan.power = "restart"
+                plan.changes.append(Change("power_state", "running", "restarted"))
+                plan.restart_required = False
+        elif desired.state == "stopped":
+            if state not in ("stopped",):
+                plan.power = "stop"
+                plan.changes.append(Change("power_state", state, "stopped"))
+                plan.restart_required = False
+        elif plan.restart_required and self.options.allow_restart and state == "running":
+            plan.power = "restart"
+            plan.changes.append(Change("power_state", "running", "restarted"))
+            plan.restart_required = False
+        if plan.changes and plan.action == "none":
+            plan.action = "update"
+
+
+def _replace(disks: List[DiskSpec], name: str, **values: Any) -> None:
+    for i, disk in enumerate(disks):
+        if disk.name == name:
+            disks[i] = dataclasses.replace(disk, **values)
