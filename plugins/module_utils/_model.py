@@ -266,6 +266,7 @@ class Placement:
     pool: Optional[str] = None
     folder: Optional[str] = None
     resource_pool: Optional[str] = None
+    domain_type: Optional[str] = None  # libvirt: kvm | qemu (TCG); default kvm when the host offers it
 
 
 @dataclasses.dataclass
