@@ -12,12 +12,12 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.build
 export ANSIBLE_PYTHON_INTERPRETER := $(CURDIR)/$(BIN)/python
 export ANSIBLE_NOCOLOR := 1
 
-.PHONY: help deps demo test lint sanity unit integration lab-up lab-down lab-status collection build bench-discovery
+.PHONY: help deps demo test lint sanity unit integration lab-up lab-down lab-status collection build bench-discovery bench-converge
 
 help:
 	@echo "make demo   - install what is missing, bring the lab up, run the main job on it"
 	@echo "make test   - install what is missing and run every check (lint, sanity, unit, integration)"
-	@echo "make lab-up | lab-down | lab-status | bench-discovery | build"
+	@echo "make lab-up | lab-down | lab-status | bench-discovery | bench-converge | build"
 
 # ------------------------------------------------------------------------------------------- setup
 .lab/.apt-done: bindep.txt tests/lab/install-deps.sh
@@ -82,3 +82,6 @@ build: collection
 
 bench-discovery: collection lab-up
 	$(BIN)/python tests/bench/bench_discovery.py
+
+bench-converge: collection lab-up
+	$(BIN)/python tests/bench/bench_converge.py

@@ -8,7 +8,10 @@ from typing import Any, Dict
 
 from ansible.module_utils.basic import env_fallback
 
+from ._converge import RunOptions
 from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials
+from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, Placement
+from ._plan import PlanOptions
 
 
 def connection_argument_spec() -> Dict[str, Any]:
@@ -28,3 +31,76 @@ def endpoint_from_params(params: Dict[str, Any]) -> Endpoint:
     endpoint = parse_endpoint(params["uri"], "uri")
     creds = env_credentials(params.get("username"), params.get("password"), params.get("validate_certs"))
     return with_credentials(endpoint, creds)
+
+
+def placement_argument_spec() -> Dict[str, Any]:
+    """doc fragment: virtfleet.core.placement"""
+    return {
+        "datacenter": {"type": "str"},
+        "cluster": {"type": "str"},
+        "esxi_host": {"type": "str"},
+        "datastore": {"type": "str", "aliases": ["pool"]},
+        "folder": {"type": "str"},
+        "resource_pool": {"type": "str"},
+        "domain_type": {"type": "str", "choices": ["kvm", "qemu"]},
+    }
+
+
+def placement_from_params(params: Dict[str, Any]) -> Placement:
+    return Placement(datacenter=params.get("datacenter"), cluster=params.get("cluster"),
+                     esxi_host=params.get("esxi_host"), pool=params.get("datastore"), folder=params.get("folder"),
+                     resource_pool=params.get("resource_pool"), domain_type=params.get("domain_type"))
+
+
+def guest_argument_spec() -> Dict[str, Any]:
+    """doc fragment: virtfleet.core.guest_spec (the options of one guest; also each entry of ``guests``)."""
+    return {
+        "name": {"type": "str", "required": True},
+        "uuid": {"type": "str"},
+        "vcpus": {"type": "int"},
+        "memory_mib": {"type": "int"},
+        "firmware": {"type": "str", "choices": list(FIRMWARES)},
+        "disks": {"type": "list", "elements": "dict", "options": {
+            "name": {"type": "str", "required": True},
+            "size_gib": {"type": "float"},
+            "pool": {"type": "str", "aliases": ["datastore"]},
+            "format": {"type": "str", "choices": list(DISK_FORMATS)},
+            "source": {"type": "str"},
+            "bus": {"type": "str", "choices": list(DISK_BUSES)},
+        }},
+        "nics": {"type": "list", "elements": "dict", "options": {
+            "network": {"type": "str", "required": True},
+            "mac": {"type": "str"},
+            "model": {"type": "str", "choices": list(NIC_MODELS)},
+        }},
+        "cloud_init": {"type": "dict", "options": {
+            "user_data": {"type": "raw"},
+            "meta_data": {"type": "raw"},
+            "network_config": {"type": "raw"},
+        }},
+        "boot": {"type": "dict", "options": {
+            "kernel": {"type": "str", "required": True},
+            "initrd": {"type": "str"},
+            "cmdline": {"type": "str"},
+        }},
+        "autostart": {"type": "bool"},
+        "tags": {"type": "dict"},
+        "state": {"type": "str", "default": "present", "choices": list(GUEST_STATES)},
+    }
+
+
+def convergence_argument_spec() -> Dict[str, Any]:
+    """doc fragment: virtfleet.core.convergence"""
+    return {
+        "allow_restart": {"type": "bool", "default": False},
+        "force": {"type": "bool", "default": False},
+        "shutdown_timeout": {"type": "float", "default": 120.0},
+        "remove_storage": {"type": "bool", "default": False},
+    }
+
+
+def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOptions:
+    return RunOptions(plan=PlanOptions(allow_restart=params["allow_restart"], remove_storage=params["remove_storage"],
+                                       force=params["force"]),
+                      exclusive=bool(params.get("exclusive")), shutdown_timeout=params["shutdown_timeout"],
+                      check_mode=check_mode)

@@ -398,7 +398,9 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
         if not isinstance(raw, dict):
             raise ConfigError(_where(name, "cloud_init"), raw, "must be a dict")
         _only(name, "cloud_init", raw, ("user_data", "meta_data", "network_config"))
-        docs = {k: (v if v is None or isinstance(v, str) else json.dumps(v)) for k, v in raw.items()}
+        docs = {k: (v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in raw.items()}
+        if isinstance(raw.get("user_data"), dict):  # a dict is cloud-config (JSON is YAML)
+            docs["user_data"] = "#cloud-config\n" + str(docs["user_data"])
         cloud_init = CloudInit(**docs)
     boot = None
     if data.get("boot") is not None:

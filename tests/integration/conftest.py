@@ -45,3 +45,34 @@ def ansible_env(lab: dict[str, Any]) -> dict[str, str]:
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
     )
     return env
+
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture()
+def run_module(ansible_env: dict[str, str]) -> Any:
+    """Run one module of the collection on localhost (`ansible localhost -m ...`) and return its result dict.
+
+    ARGS go in as JSON, so nothing is split or templated by the shell.
+    """
+    import json
+
+    def run(module: str, args: dict[str, Any], check: bool = False, diff: bool = False,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+        cmd = [str(BIN / "ansible"), "localhost", "-m", f"virtfleet.core.{module}", "-a", json.dumps(args)]
+        if check:
+            cmd.append("--check")
+        if diff:
+            cmd.append("--diff")
+        proc = subprocess.run(cmd, env=env or ansible_env, capture_output=True, text=True, check=False)
+        head, sep, body = proc.stdout.partition(" => ")
+        if not sep:
+            raise AssertionError(f"no result from {module}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        start = body.index("{")
+        result: dict[str, Any] = json.loads(body[start:])
+        result["_status"] = head.rsplit("|", 1)[-1].strip()  # SUCCESS / CHANGED / FAILED!
+        result["_diff_text"] = proc.stdout.split("localhost |", 1)[0] if diff else ""
+        return result
+
+    return run

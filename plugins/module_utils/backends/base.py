@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, List, Optional
+from typing import Any, List, Optional, TypeVar
 
 from .._endpoints import Endpoint
 from .._model import Discovery, GuestSpec, GuestState, HostCapacity, Identity, Placement
 from .._plan import BackendDefaults, GuestPlan
+
+_B = TypeVar("_B", bound="HypervisorBackend")
 
 
 class HypervisorBackend(abc.ABC):
@@ -36,7 +38,7 @@ class HypervisorBackend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook: a backend without a session has nothing to close
         """Log out and release the connection; safe to call twice."""
 
-    def __enter__(self) -> HypervisorBackend:
+    def __enter__(self: _B) -> _B:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,0 +1,36 @@
+# Copyright: virtfleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""How changes are carried out; matches convergence_argument_spec() in plugins/module_utils/_argspec.py."""
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    DOCUMENTATION = r"""
+options:
+  allow_restart:
+    description:
+      - A change that cannot reach a running guest (firmware, kernel boot, cloud-init data, memory beyond what it
+        can take live, a NIC model, a disk bus) is written to the persistent definition and reported with
+        C(restart_required=true).
+      - With V(true), such a guest is shut down (see O(shutdown_timeout), O(force)) and started again instead.
+    type: bool
+    default: false
+  force:
+    description:
+      - Power a guest off when it has not shut down within O(shutdown_timeout). Without it, such a guest fails the
+        task and is left running.
+    type: bool
+    default: false
+  shutdown_timeout:
+    description:
+      - Seconds to wait for an ACPI (libvirt) or guest-tools (vSphere) shutdown.
+    type: float
+    default: 120
+  remove_storage:
+    description:
+      - With O(state=absent), also delete the guest's disks, but only those this collection created. Disks it
+        attached that were made elsewhere are always kept.
+    type: bool
+    default: false
+"""

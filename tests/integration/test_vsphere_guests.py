@@ -1,0 +1,226 @@
+"""Guest convergence on vSphere against the lab's vcsim (vCenter 127.0.10.10 and ESXi esx01): create, check mode
+predicts the read-back exactly, idempotence, live growth, restart-only changes, power, removal with and without
+storage, exclusive runs that only remove guests this collection owns."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from ansible_collections.virtfleet.core.plugins.module_utils._converge import GuestResult, RunOptions, converge
+from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
+    Credentials,
+    parse_endpoint,
+    with_credentials,
+)
+from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement, guest_spec_from_dict
+from ansible_collections.virtfleet.core.plugins.module_utils._plan import PlanOptions
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import VsphereBackend
+
+pytestmark = pytest.mark.lab
+PREFIX = "vftest-vs-"
+DATASTORE = "LocalDS_0"
+
+
+def backend_for(lab: dict[str, Any], name: str) -> VsphereBackend:
+    address = lab["vcsim"][name]["address"]
+    endpoint = with_credentials(parse_endpoint(f"vsphere://{address}"),
+                                Credentials(lab["username"], lab["password"], False))
+    return VsphereBackend(endpoint, 10)
+
+
+def run(lab: dict[str, Any], where: str, placement: Placement, guests: list[dict[str, Any]],
+        **options: Any) -> list[GuestResult]:
+    with backend_for(lab, where) as backend:
+        results = converge(backend, [guest_spec_from_dict(g) for g in guests], placement, RunOptions(**options))
+    return results
+
+
+def one(lab: dict[str, Any], where: str, placement: Placement, guest: dict[str, Any], **options: Any) -> GuestResult:
+    result = run(lab, where, placement, [guest], **options)[0]
+    assert not result.failed, result.msg
+    return result
+
+
+def vms(lab: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """name -> a few facts of every VM, straight from the endpoint (not through the backend under test)."""
+    from pyVmomi import vim
+
+    with backend_for(lab, where) as backend:
+        content = backend._login()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        return {vm.name: {"power": vm.runtime.powerState, "cpu_hot_add": vm.config.cpuHotAddEnabled,
+                          "memory_hot_add": vm.config.memoryHotAddEnabled,
+                          "extra": {o.key: o.value for o in vm.config.extraConfig},
+                          "compute": vm.resourcePool.parent.name if vm.resourcePool else None}
+                for vm in view.view}
+
+
+def datastore_files(lab: dict[str, Any], where: str, directory: str) -> list[str]:
+    """File names in [LocalDS_0] DIRECTORY, through the datastore browser ([] when the directory is gone)."""
+    from pyVmomi import vim
+
+    with backend_for(lab, where) as backend:
+        content = backend._login()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
+        datastore = next(ds for ds in view.view if ds.name == DATASTORE)
+        task = datastore.browser.SearchDatastore_Task(f"[{DATASTORE}] {directory}",
+                                                      vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"]))
+        while task.info.state in ("queued", "running"):
+            pass
+        if task.info.state == "error":
+            return []
+        return sorted(f.path for f in task.info.result.file or [])
+
+
+def clean(lab: dict[str, Any], where: str) -> None:
+    """Destroy every test VM and delete every test directory left on the datastore."""
+    from pyVmomi import vim
+
+    with backend_for(lab, where) as backend:
+        content = backend._login()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        for vm in view.view:
+            if vm.name.startswith(PREFIX):
+                if vm.runtime.powerState != "poweredOff":
+                    vm.PowerOffVM_Task()
+                vm.Destroy_Task()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
+        datastore = next(ds for ds in view.view if ds.name == DATASTORE)
+        task = datastore.browser.SearchDatastore_Task(f"[{DATASTORE}]",
+                                                      vim.host.DatastoreBrowser.SearchSpec(matchPattern=[PREFIX + "*"]))
+        while task.info.state in ("queued", "running"):
+            pass
+        dcs = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datacenter], True).view
+        for info in (task.info.result.file or []) if task.info.state == "success" else []:
+            content.fileManager.DeleteDatastoreFile_Task(f"[{DATASTORE}] {info.path}", dcs[0])
+
+
+@pytest.fixture()
+def names(lab: dict[str, Any]) -> Iterator[Any]:
+    """Unique guest names; every test VM and file is removed afterwards, whatever happened."""
+    token = uuid.uuid4().hex[:6]
+    yield lambda label: f"{PREFIX}{label}-{token}"
+    for where in ("vcenter", "esx01"):
+        clean(lab, where)
+
+
+def guest(name: str, **extra: Any) -> dict[str, Any]:
+    data = {
+        "name": name, "vcpus": 1, "memory_mib": 512,
+        "disks": [{"name": "root", "size_gib": 2}, {"name": "data", "size_gib": 1.5}],
+        "nics": [{"network": "VM Network"}],
+        "tags": {"role": "web", "tier": "front"},
+        "cloud_init": {"user_data": "#cloud-config\nhostname: web\n", "meta_data": "local-hostname: web\n",
+                       "network_config": "version: 2\nethernets: {}\n"},
+    }
+    data.update(extra)
+    return data
+
+
+def without_uuid(facts: dict[str, Any] | None) -> dict[str, Any]:
+    assert facts is not None
+    return {k: v for k, v in facts.items() if k != "uuid"}
+
+
+def test_lifecycle_on_a_vcenter_cluster(lab: dict[str, Any], names: Any) -> None:
+    where, placement = "vcenter", Placement(cluster="DC0_C0")
+    name = names("life")
+    spec = guest(name)
+
+    predicted = one(lab, where, placement, spec, check_mode=True)
+    assert predicted.action == "create" and name not in vms(lab, where)  # check mode changed nothing
+    created = one(lab, where, placement, spec)
+    assert created.changed and created.action == "create"
+    assert without_uuid(created.guest) == without_uuid(predicted.guest)  # check mode is exact
+    assert created.guest is not None and created.guest["uuid"]
+    assert created.guest["nics"][0]["mac"].startswith("00:50:56:")
+    vm = vms(lab, where)[name]
+    assert vm["cpu_hot_add"] and vm["memory_hot_add"]
+    assert vm["extra"]["virtfleet.owner"] == "virtfleet.core"
+    assert vm["extra"]["guestinfo.userdata.encoding"] == "base64"
+    assert vm["extra"]["guestinfo.metadata.encoding"] == "base64"
+    assert vm["compute"] == "DC0_C0"
+
+    again = one(lab, where, placement, spec)
+    assert not again.changed and again.changes == []
+
+    running = one(lab, where, placement, dict(spec, state="running"))
+    assert [c["field"] for c in running.changes] == ["power_state"]
+    assert vms(lab, where)[name]["power"] == "poweredOn"
+
+    # Growth is live on a running guest (hot-add is on), and only the named disk changes.
+    disks = [{"name": "root", "size_gib": 2}, {"name": "data", "size_gib": 3}]
+    grown = one(lab, where, placement, guest(name, state="running", vcpus=2, disks=disks))
+    assert {c["field"]: c["live"] for c in grown.changes} == {"vcpus": True, "disks[data].size_gib": True}
+    assert not grown.restart_required
+    assert grown.guest is not None and grown.guest["vcpus"] == 2
+    assert [d["size_gib"] for d in grown.guest["disks"]] == [2.0, 3.0]
+
+    # Firmware is read at power-on: on a running guest it needs a restart, which vSphere cannot defer.
+    uefi = guest(name, state="running", vcpus=2, firmware="uefi", disks=disks)
+    refused = run(lab, where, placement, [uefi])[0]
+    assert refused.restart_required and refused.failed
+    assert "firmware cannot change while it runs" in (refused.msg or "")
+    restarted = one(lab, where, placement, uefi, plan=PlanOptions(allow_restart=True))
+    assert [c["field"] for c in restarted.changes] == ["firmware", "power_state"]
+    assert restarted.guest is not None and restarted.guest["firmware"] == "uefi"
+    assert vms(lab, where)[name]["power"] == "poweredOn"
+
+    untagged = one(lab, where, placement, guest(name, state="running", vcpus=2, tags={"role": "db"}, disks=disks))
+    assert untagged.guest is not None and untagged.guest["tags"] == {"role": "db"}
+
+    stopped = one(lab, where, placement, guest(name, state="stopped", vcpus=2, disks=disks))
+    assert stopped.changed and vms(lab, where)[name]["power"] == "poweredOff"
+
+    # absent without remove_storage: the VM is unregistered, its disks stay on the datastore.
+    gone = one(lab, where, placement, {"name": name, "state": "absent"})
+    assert gone.action == "remove" and name not in vms(lab, where)
+    assert {f"{name}_root.vmdk", f"{name}_data.vmdk"} <= set(datastore_files(lab, where, name))
+
+
+def test_remove_storage_deletes_only_created_disks_and_exclusive_spares_foreign_vms(lab: dict[str, Any],
+                                                                                   names: Any) -> None:
+    where, placement = "esx01", Placement()
+    keep, drop = names("keep"), names("drop")
+    before = set(vms(lab, where))
+    results = run(lab, where, placement, [guest(keep), guest(drop, disks=[{"name": "root", "size_gib": 1}])])
+    assert [r.action for r in results] == ["create", "create"] and not any(r.failed for r in results)
+    assert f"{drop}_root.vmdk" in datastore_files(lab, where, drop)
+
+    # Exclusive: guests owned by this collection and not listed go (here with their storage); the
+    # simulator's own VMs (ha-host_VM0, ...) carry no ownership tag and stay.
+    results = run(lab, where, placement, [guest(keep)], exclusive=True, plan=PlanOptions(remove_storage=True))
+    by_name = {r.name: r for r in results}
+    assert by_name[keep].action == "none"
+    assert by_name[drop].action == "remove" and not by_name[drop].failed
+    after = set(vms(lab, where))
+    assert drop not in after and keep in after
+    assert before <= after  # nothing that was there before was touched
+    assert datastore_files(lab, where, drop) == []
+
+
+def test_no_op_converge_of_twenty_guests_is_a_constant_number_of_calls(lab: dict[str, Any], names: Any) -> None:
+    where, placement = "esx01", Placement()
+    specs = [{"name": names(f"n{i:02d}"), "vcpus": 1, "memory_mib": 64, "disks": [{"name": "root", "size_gib": 1}],
+              "nics": [{"network": "VM Network"}]} for i in range(20)]
+    results = run(lab, where, placement, specs)
+    assert all(r.action == "create" and not r.failed for r in results), [r.msg for r in results if r.failed]
+    with backend_for(lab, where) as backend:
+        results = converge(backend, [guest_spec_from_dict(s) for s in specs], placement, RunOptions())
+        calls = backend.calls
+    assert not any(r.changed for r in results)
+    assert calls == 4  # service content, login, one view, one RetrievePropertiesEx
+
+
+def test_bad_placement_names_the_option(lab: dict[str, Any], names: Any) -> None:
+    from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cluster='nope': no such cluster in datacenter 'DC0' \(known: DC0_C0\)"):
+        run(lab, "vcenter", Placement(cluster="nope"), [guest(names("bad"))], check_mode=True)
+    with pytest.raises(ConfigError, match=r"pool='nope': no such datastore"):
+        run(lab, "esx01", Placement(pool="nope"), [guest(names("bad"))], check_mode=True)
+    with pytest.raises(ConfigError, match=r"guest '.*' boot=.*direct kernel boot is libvirt-only"):
+        run(lab, "esx01", Placement(), [guest(names("bad"), boot={"kernel": "/vmlinuz"})], check_mode=True)
