@@ -293,6 +293,8 @@ class HostCapacity:
     pools: List[str] = dataclasses.field(default_factory=list)
     default_pool: Optional[str] = None
     macs: Dict[str, str] = dataclasses.field(default_factory=dict)  # MAC in use -> guest name
+    # Why no new guest can be placed (e.g. an ambiguous vCenter target); raised only if one is to be created.
+    create_error: Optional[ConfigError] = None
 
 
 def _where(name: str, field: str) -> str:
@@ -419,7 +421,10 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
         for key, value in data["tags"].items():
             if not _TAG_KEY.match(str(key)):
                 raise ConfigError(_where(name, f"tags.{key}"), value, "tag names are 1-64 letters, digits, '_.-'")
-            tags[str(key)] = "" if value is None else str(value)
+            if value is None or str(value) == "":
+                raise ConfigError(_where(name, f"tags.{key}"), value, "tag values must not be empty (vSphere drops "
+                                                                      "empty keys)")
+            tags[str(key)] = str(value)
     autostart = data.get("autostart")
     if autostart is not None and not isinstance(autostart, bool):
         raise ConfigError(_where(name, "autostart"), autostart, "must be true or false")

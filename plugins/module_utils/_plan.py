@@ -70,6 +70,9 @@ class BackendDefaults:
     disk_bus: str = "virtio"
     nic_model: str = "virtio"
     mac_prefix: str = "52:54:00"
+    # libvirt keeps a persistent definition beside the running one, so a restart-only change can wait there;
+    # vSphere cannot, and such a change on a running guest is refused while planning unless it may restart.
+    stages_restart_changes: bool = True
 
 
 def _err(name: str, field: str, value: Any, problem: str) -> ConfigError:
@@ -152,6 +155,8 @@ class Planner:
 
     # ------------------------------------------------------------------ create
     def _plan_create(self, desired: GuestSpec, plan: GuestPlan) -> GuestPlan:
+        if self.capacity.create_error is not None:
+            raise self.capacity.create_error
         self._verify_host(desired)
         after = copy.deepcopy(desired)
         for key, value in NEW_GUEST_DEFAULTS.items():
@@ -310,6 +315,12 @@ class Planner:
             plan.restart_required = False
         if plan.changes and plan.action == "none":
             plan.action = "update"
+        waiting = [c for c in plan.changes if not c.live]
+        if (state == "running" and waiting and plan.power not in ("stop", "restart")
+                and not self.defaults.stages_restart_changes):
+            raise _err(desired.name, waiting[0].field, waiting[0].after,
+                       "cannot change while the guest runs on this hypervisor and cannot wait for a restart: set "
+                       "allow_restart: true, or state: stopped")
 
 
 def _replace(disks: List[DiskSpec], name: str, **values: Any) -> None:

@@ -4,6 +4,7 @@ storage, exclusive runs that only remove guests this collection owns."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -15,6 +16,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
     parse_endpoint,
     with_credentials,
 )
+from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
 from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement, guest_spec_from_dict
 from ansible_collections.virtfleet.core.plugins.module_utils._plan import PlanOptions
 from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import VsphereBackend
@@ -69,7 +71,7 @@ def datastore_files(lab: dict[str, Any], where: str, directory: str) -> list[str
         task = datastore.browser.SearchDatastore_Task(f"[{DATASTORE}] {directory}",
                                                       vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"]))
         while task.info.state in ("queued", "running"):
-            pass
+            time.sleep(0.05)
         if task.info.state == "error":
             return []
         return sorted(f.path for f in task.info.result.file or [])
@@ -92,7 +94,7 @@ def clean(lab: dict[str, Any], where: str) -> None:
         task = datastore.browser.SearchDatastore_Task(f"[{DATASTORE}]",
                                                       vim.host.DatastoreBrowser.SearchSpec(matchPattern=[PREFIX + "*"]))
         while task.info.state in ("queued", "running"):
-            pass
+            time.sleep(0.05)
         dcs = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datacenter], True).view
         for info in (task.info.result.file or []) if task.info.state == "success" else []:
             content.fileManager.DeleteDatastoreFile_Task(f"[{DATASTORE}] {info.path}", dcs[0])
@@ -161,9 +163,10 @@ def test_lifecycle_on_a_vcenter_cluster(lab: dict[str, Any], names: Any) -> None
 
     # Firmware is read at power-on: on a running guest it needs a restart, which vSphere cannot defer.
     uefi = guest(name, state="running", vcpus=2, firmware="uefi", disks=disks)
-    refused = run(lab, where, placement, [uefi])[0]
-    assert refused.restart_required and refused.failed
-    assert "firmware cannot change while it runs" in (refused.msg or "")
+    # ... so it is refused while planning, before any call that changes something.
+    with pytest.raises(ConfigError, match=r"firmware='uefi': cannot change while the guest runs"):
+        run(lab, where, placement, [uefi])
+    assert vms(lab, where)[name]["power"] == "poweredOn"
     restarted = one(lab, where, placement, uefi, plan=PlanOptions(allow_restart=True))
     assert [c["field"] for c in restarted.changes] == ["firmware", "power_state"]
     assert restarted.guest is not None and restarted.guest["firmware"] == "uefi"
@@ -224,3 +227,30 @@ def test_bad_placement_names_the_option(lab: dict[str, Any], names: Any) -> None
         run(lab, "esx01", Placement(pool="nope"), [guest(names("bad"))], check_mode=True)
     with pytest.raises(ConfigError, match=r"guest '.*' boot=.*direct kernel boot is libvirt-only"):
         run(lab, "esx01", Placement(), [guest(names("bad"), boot={"kernel": "/vmlinuz"})], check_mode=True)
+
+
+def test_guests_module_on_esxi_check_diff_rerun_and_bad_input(lab: dict[str, Any], names: Any,
+                                                              run_module: Any) -> None:
+    """The module end to end on a simulated ESXi: check mode and diff, then the real run, then a no-op rerun."""
+    first, second = names("mod-a"), names("mod-b")
+    conn = {"uri": f"vsphere://{lab['vcsim']['esx01']['address']}", "username": lab["username"],
+            "password": lab["password"], "validate_certs": False, "datastore": DATASTORE}
+    wanted = [{"name": n, "vcpus": 1, "memory_mib": 64, "disks": [{"name": "root", "size_gib": 1}],
+               "nics": [{"network": "VM Network"}], "tags": {"suite": "module"}, "state": "running"}
+              for n in (first, second)]
+    planned = run_module("guests", {**conn, "guests": wanted}, check=True, diff=True)
+    assert planned["changed"] is True and first not in vms(lab, "esx01")
+    assert '"vmxnet3"' in planned["_diff_text"] and lab["password"] not in planned["_diff_text"]
+    done = run_module("guests", {**conn, "guests": wanted}, diff=True)
+    assert [g["changes"] for g in done["guests"]] == [g["changes"] for g in planned["guests"]]
+    for real, predicted in zip(done["guests"], planned["guests"]):
+        assert {k: v for k, v in real["guest"].items() if k != "uuid"} == \
+            {k: v for k, v in predicted["guest"].items() if k != "uuid"}
+    assert vms(lab, "esx01")[first]["power"] == "poweredOn"
+    assert run_module("guests", {**conn, "guests": wanted})["changed"] is False
+
+    bad = run_module("guests", {**conn, "guests": [*wanted, {**wanted[0], "name": names("mod-c"),
+                                                             "nics": [{"network": "No Such Net"}]}]})
+    assert bad["_status"] == "FAILED!" and "nics[0].network='No Such Net'" in bad["msg"]
+    assert names("mod-c") not in vms(lab, "esx01")
+    assert lab["password"] not in str(bad)

@@ -310,7 +310,8 @@ def _new_keys() -> Iterator[int]:
 
 class VsphereBackend(GuestBackend):
     api = "vsphere"
-    defaults = BackendDefaults(disk_format="thin", disk_bus="scsi", nic_model="vmxnet3", mac_prefix="00:50:56")
+    defaults = BackendDefaults(disk_format="thin", disk_bus="scsi", nic_model="vmxnet3", mac_prefix="00:50:56",
+                               stages_restart_changes=False)
 
     def __init__(self, endpoint: Endpoint, timeout: float = 10.0) -> None:
         super().__init__(endpoint, timeout)
@@ -802,10 +803,14 @@ class VsphereBackend(GuestBackend):
             for dev in props.get("config.hardware.device") or []:
                 if isinstance(dev, vim.vm.device.VirtualEthernetCard) and dev.macAddress:
                     macs.setdefault(dev.macAddress.lower(), snap.name(moid))
+        create_error = None
+        if target.pool is None:
+            create_error = ConfigError("cluster", placement.cluster, target.why_no_pool or "no resource pool to "
+                                                                                           "create in")
         return HostCapacity(vcpus=max((t for t in threads if t), default=None),
                             memory_mib=max((m for m in memory if m), default=None),
                             networks=sorted(target.networks), pools=list(target.datastores),
-                            default_pool=target.default_datastore, macs=macs)
+                            default_pool=target.default_datastore, macs=macs, create_error=create_error)
 
     def read_guests(self, placement: Placement) -> List[GuestState]:
         snap = self._snapshot()
