@@ -72,9 +72,10 @@ def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement
     planner = Planner(capacity, backend.defaults, options.plan)
     plans = [planner.plan(spec, find_current(spec, states)) for spec in specs]
     if options.exclusive:
-        wanted = {p.current.spec.uuid for p in plans if p.current is not None} | {s.name for s in specs}
+        kept = {id(p.current) for p in plans if p.current is not None}
+        names = {s.name for s in specs}
         for state in states:
-            if state.owned and state.spec.name not in wanted and state.spec.uuid not in wanted:
+            if state.owned and id(state) not in kept and state.spec.name not in names:
                 plans.append(planner.plan(GuestSpec(name=state.spec.name, state="absent"), state))
     return plans
 
