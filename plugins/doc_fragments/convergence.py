@@ -29,7 +29,7 @@ options:
     default: 120
   remove_storage:
     description:
-      - With O(state=absent), also delete the guest's disks, but only those this collection created. Disks it
+      - With C(state=absent), also delete the guest's disks, but only those this collection created. Disks it
         attached that were made elsewhere are always kept.
     type: bool
     default: false

@@ -23,7 +23,7 @@ options:
   datastore:
     description:
       - Default datastore (vSphere) or storage pool (libvirt) for new disks and the cloud-init seed; a disk's
-        own O(disks[].pool) wins.
+        own C(pool) wins.
       - Defaults to the first datastore of the host, or the libvirt pool named C(default).
     type: str
     aliases: [pool]

@@ -33,8 +33,9 @@ def spec(name: str, lab: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def booting(lab: dict[str, Any], hostname: str) -> dict[str, Any]:
     """The lab's tiny guest: direct kernel boot, reads its NoCloud seed and prints the hostname (it needs
     128 MiB to unpack its kernel and initramfs)."""
-    return {"memory_mib": 128, "boot": {"kernel": lab["guest"]["kernel"], "initrd": lab["guest"]["initrd"],
-                     "cmdline": "console=ttyS0 quiet panic=-1"},
+    boot = {"kernel": lab["guest"]["kernel"], "initrd": lab["guest"]["initrd"],
+            "cmdline": "console=ttyS0 quiet panic=-1"}
+    return {"memory_mib": 128, "boot": boot,
             "cloud_init": {"meta_data": f"instance-id: {hostname}\nlocal-hostname: {hostname}\n",
                            "user_data": {"hostname": hostname}}}
 
@@ -259,8 +260,8 @@ def test_mac_taken_and_disk_shrink_are_refused_before_any_change(
     assert shrink["_status"] == "FAILED!" and "disks[0].size_gib=1" in shrink["msg"] and "shrink" in shrink["msg"]
     dom = libvirt_conn.lookupByName(name)
     assert ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).find("vcpu").get("current") == "1"
-    clash = run_module("guest", {**base_args(lab), **spec(other, lab, nics=[{"network": lab["libvirt"]["network"],
-                                                                              "mac": taken}])})
+    nics = [{"network": lab["libvirt"]["network"], "mac": taken}]
+    clash = run_module("guest", {**base_args(lab), **spec(other, lab, nics=nics)})
     assert clash["_status"] == "FAILED!" and f"already used by guest '{name}'" in clash["msg"]
     assert not exists(libvirt_conn, other)
 

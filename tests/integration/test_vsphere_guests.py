@@ -184,8 +184,8 @@ def test_lifecycle_on_a_vcenter_cluster(lab: dict[str, Any], names: Any) -> None
     assert {f"{name}_root.vmdk", f"{name}_data.vmdk"} <= set(datastore_files(lab, where, name))
 
 
-def test_remove_storage_deletes_only_created_disks_and_exclusive_spares_foreign_vms(lab: dict[str, Any],
-                                                                                   names: Any) -> None:
+def test_remove_storage_deletes_only_created_disks_and_exclusive_spares_foreign_vms(
+        lab: dict[str, Any], names: Any) -> None:
     where, placement = "esx01", Placement()
     keep, drop = names("keep"), names("drop")
     before = set(vms(lab, where))

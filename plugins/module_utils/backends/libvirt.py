@@ -183,8 +183,8 @@ class LibvirtGuests:
         conn = self.connect()
         flags = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BLOCK
         stats = self._call("domain stats", conn.getAllDomainStats, flags, 0)
-        autostart = {d.UUIDString() for d in self._call("domains", conn.listAllDomains,
-                                                         libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
+        autostarting = self._call("domains", conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
+        autostart = {d.UUIDString() for d in autostarting}
         volumes: Dict[Tuple[str, str], Optional[float]] = {}
         states, macs = [], {}
         for dom, values in stats:

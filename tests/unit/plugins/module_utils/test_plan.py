@@ -264,5 +264,3 @@ def test_failure_of_one_guest_is_reported_per_guest() -> None:
     results = {r.name: r for r in converge(backend, specs, Placement(), RunOptions())}
     assert results["web01"].failed and "connection lost" in (results["web01"].msg or "")
     assert not results["new01"].failed and "new01" in backend.states
-
-
