@@ -86,10 +86,9 @@ def _apply(backend: GuestBackend, plan: GuestPlan, placement: Placement, options
         backend.remove_guest(current, plan.remove_storage)
         return
     if plan.action == "create" and plan.after is not None:
-        backend.create_guest(plan.after, placement)
+        created = backend.create_guest(plan.after, placement)
         if plan.power == "start":
-            created = [s for s in backend.read_guests(placement) if s.spec.name == plan.after.name]
-            backend.start_guest(created[0])
+            backend.start_guest(created)
         return
     if current is None:
         return

@@ -188,8 +188,8 @@ def test_remove_storage_deletes_only_created_disks_and_exclusive_spares_foreign_
         lab: dict[str, Any], names: Any) -> None:
     where, placement = "esx01", Placement()
     keep, drop = names("keep"), names("drop")
-    before = set(vms(lab, where))
     results = run(lab, where, placement, [guest(keep), guest(drop, disks=[{"name": "root", "size_gib": 1}])])
+    unowned = {n for n, vm in vms(lab, where).items() if vm["extra"].get("virtfleet.owner") != "virtfleet.core"}
     assert [r.action for r in results] == ["create", "create"] and not any(r.failed for r in results)
     assert f"{drop}_root.vmdk" in datastore_files(lab, where, drop)
 
@@ -201,7 +201,8 @@ def test_remove_storage_deletes_only_created_disks_and_exclusive_spares_foreign_
     assert by_name[drop].action == "remove" and not by_name[drop].failed
     after = set(vms(lab, where))
     assert drop not in after and keep in after
-    assert before <= after  # nothing that was there before was touched
+    assert unowned <= after  # no guest without this collection's ownership mark was touched
+    assert {r.name for r in results if r.action == "remove"}.isdisjoint(unowned)
     assert datastore_files(lab, where, drop) == []
 
 

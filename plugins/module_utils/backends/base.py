@@ -68,9 +68,10 @@ class GuestBackend(HypervisorBackend):
 
     # ------------------------------------------------------------------ mutators
     @abc.abstractmethod
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> None:
+    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
         """Create the guest described by SPEC (complete: the planner filled defaults, MACs, pools), with its
-        disks and first-boot seed, powered off. Cleans up what it made if it fails half-way."""
+        disks and first-boot seed, powered off; return it (enough to start it). Cleans up what it made if it
+        fails half-way."""
 
     @abc.abstractmethod
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:

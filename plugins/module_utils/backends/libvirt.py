@@ -480,7 +480,7 @@ class LibvirtGuests:
         self._call("seed upload", stream.finish)
 
     # ------------------------------------------------------------------ mutators
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> None:
+    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
         made: List[Any] = []
         try:
             for disk in spec.disks or []:
@@ -491,6 +491,7 @@ class LibvirtGuests:
             dom = self._call(f"define guest {spec.name!r}", self.connect().defineXML, _xml(root))
             if spec.autostart:
                 self._call("autostart", dom.setAutostart, 1)
+            return GuestState(spec=spec, power_state="stopped", owned=True, ref=dom)
         except Exception:
             for vol in made:  # nothing half-created: drop the volumes this call made
                 try:

@@ -1002,7 +1002,7 @@ class VsphereBackend(GuestBackend):
         return config, dirs
 
     # ------------------------------------------------------------------ mutators
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> None:
+    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
         target = self._target(placement)
         if target.pool is None:
             raise ConfigError("cluster", placement.cluster, target.why_no_pool or "no resource pool to create in")
@@ -1011,8 +1011,8 @@ class VsphereBackend(GuestBackend):
         self._invalidate()
         self._make_dirs(spec.name, datacenter, dirs)
         try:
-            self._task(spec.name, "CreateVM", target.folder.CreateVM_Task, config=config, pool=target.pool,
-                       host=target.host)
+            vm = self._task(spec.name, "CreateVM", target.folder.CreateVM_Task, config=config, pool=target.pool,
+                            host=target.host)
         except EndpointError:
             # vSphere rolls a failed CreateVM back itself; what is left is the directories made for it.
             for path in dirs:
@@ -1022,6 +1022,7 @@ class VsphereBackend(GuestBackend):
                 except EndpointError:  # best effort: the creation error is what counts
                     pass
             raise
+        return GuestState(spec=spec, power_state="stopped", owned=True, ref=vm)
 
     def _raw(self, current: GuestState) -> Dict[str, Any]:
         raw = self._vms.get(current.ref._moId)

@@ -173,11 +173,12 @@ class FakeBackend(GuestBackend):
             raise AssertionError(f"mutator {what} called in check mode")
         self.mutations.append(what)
 
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> None:
+    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
         self._mutate(f"create {spec.name}")
         self.states[spec.name] = GuestState(spec=dataclasses.replace(spec, state="present",
                                                                      uuid=spec.uuid or "0000-new"),
                                             power_state="stopped", owned=True)
+        return self.states[spec.name]
 
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
         self._mutate(f"update {current.spec.name}")
