@@ -81,3 +81,14 @@ def test_invalid_login_names_the_user_not_the_password() -> None:
     err = backend._fail(vim.fault.InvalidLogin())
     assert str(err) == "esx01: login refused for user 'root' (wrong user name or password)"
     assert "hunter2" not in str(err)
+
+
+def test_tls_contexts_are_shared_and_verify_unless_told_not_to() -> None:
+    import ssl
+
+    secure = backend_mod.VsphereBackend(parse_endpoint("vsphere://esx01"), 5)._ssl_context()
+    assert secure.verify_mode == ssl.CERT_REQUIRED and secure.check_hostname
+    lab = with_credentials(parse_endpoint("vsphere://esx02"), Credentials("root", "x", False))
+    insecure = backend_mod.VsphereBackend(lab, 5)._ssl_context()
+    assert insecure.verify_mode == ssl.CERT_NONE
+    assert backend_mod.VsphereBackend(parse_endpoint("vsphere://esx03"), 5)._ssl_context() is secure
