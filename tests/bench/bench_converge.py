@@ -16,7 +16,6 @@ vfbench-vs-* VM are removed. The table is printed and written to docs/benchmarks
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -31,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 import libvirt
+from _report import machine, write_section
 from bench_discovery import OURS, REPO, THEIRS, ensure_bench_venv, env_for, lab
 from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
@@ -430,12 +430,9 @@ def report(rows: list[Row]) -> None:
     table = "\n".join(lines)
     print(table)
     print(target)
-    uname = os.uname()
-    doc = REPO / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    section = (
-        f"{MARKER}\n## Converging guests (`make bench-converge`)\n\n"
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({uname.sysname} {uname.release}), "
+    write_section(MARKER, (
+        "## Converging guests (`make bench-converge`)\n\n"
+        f"{machine()}, "
         "libvirt with `domain_type: qemu` (TCG; KVM is not usable on this machine), vCenter = the lab's vcsim, "
         "every tool in one run on the same simulators, each from the same empty state. Each cell is one whole "
         "`ansible-playbook` run (wall clock, end to end): seconds, guests that reported a change, and the PLAY "
@@ -449,15 +446,8 @@ def report(rows: list[Row]) -> None:
         "an XML template, community.vmware.vmware_guest), in `.build/bench-venv`.\n\n"
         "Reproduce: `make bench-converge` (as root, with the lab; it removes every `vfbench-*` domain and volume and "
         "every `vfbench-vs-*` VM before, between and after the tools).\n\n"
-        + table + "\n\n" + target + f"\n{MARKER}-end\n"
-    )
-    if MARKER in text:
-        text = re.sub(re.escape(MARKER) + r".*?" + re.escape(MARKER) + "-end\n", lambda _m: section, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.write_text(text)
-    print(f"bench: written to {doc.relative_to(REPO)}")
+        + table + "\n\n" + target
+    ))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "lab"))
+from _report import machine, write_section  # noqa: E402
+
 import lab  # noqa: E402
 
 OURS = Path(sys.executable).parent
@@ -195,20 +197,10 @@ def report(rows: list[tuple[str, str, float, int | None, int, str]]) -> None:
         lines.append(f"64 ESXi servers took {ours['esxi-64'] / ours['esxi-1']:.1f}x the time of one.")
     table = "\n".join(lines)
     print(table)
-    uname = os.uname()
-    doc = REPO / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    marker = "<!-- bench-discovery -->"
-    section = (f"{marker}\n## Discovery (`make bench-discovery`)\n\nMeasured {time.strftime('%Y-%m-%d')} on "
-               f"{os.cpu_count()} cores ({uname.sysname} {uname.release}), all tools in one run on the same "
-               "simulators. Wall time of `ansible-inventory --list`, end to end; remote calls are this "
-               "collection's own count of SOAP/RPC round trips.\n\n" + table + f"\n{marker}-end\n")
-    if marker in text:
-        text = re.sub(re.escape(marker) + r".*?" + re.escape(marker) + "-end\n", lambda _m: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.write_text(text)
-    print(f"bench: written to {doc.relative_to(REPO)}")
+    write_section("<!-- bench-discovery -->",
+                  f"## Discovery (`make bench-discovery`)\n\n{machine()}, all tools in one run on the same "
+                  "simulators. Wall time of `ansible-inventory --list`, end to end; remote calls are this "
+                  "collection's own count of SOAP/RPC round trips.\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -988,6 +988,21 @@ class VsphereBackend(GuestBackend):
                 if "FileAlreadyExists" not in str(exc) and "already exists" not in str(exc):
                     raise
 
+    def _new_disk(self, guest: str, disk: DiskSpec, pool: str, vm_ds: Optional[str], vm_dir: str, slots: _Slots,
+                  keys: Iterator[int], changes: List[Any], extra: List[Tuple[str, str]], dirs: Set[str]) -> None:
+        """Add the device spec of a new disk, its extraConfig record and (off the VM's datastore) the
+        directory to make. The file name is ours, so the record needs no read after creation."""
+        directory = vm_dir if pool == vm_ds else guest
+        if pool != vm_ds:
+            dirs.add(f"[{pool}] {guest}")
+        file_name = f"[{pool}] {directory}/{guest}_{disk.name}.vmdk"
+        try:
+            slot = slots.take(disk.bus or self.defaults.disk_bus)
+        except ValueError as exc:
+            raise ConfigError(f"guest {guest!r} disks", disk.name, str(exc)) from None
+        changes.append(self._disk_add(disk, next(keys), slot, file_name))
+        extra.append((DISK_PREFIX + disk.name, file_name))
+
     def create_config(self, spec: GuestSpec, target: _Target) -> Tuple[Any, Set[str]]:
         """The ConfigSpec of a new guest, and the directories to make first (disks on other datastores)."""
         vm_ds = (spec.disks[0].pool if spec.disks else None) or target.default_datastore
@@ -1001,17 +1016,7 @@ class VsphereBackend(GuestBackend):
         extra: List[Tuple[str, str]] = [(OWNER_KEY, OWNER_TAG)]
         dirs: Set[str] = set()
         for disk in spec.disks or []:
-            pool = disk.pool or vm_ds
-            # The file name is ours, so the record below needs no read after creation.
-            file_name = f"[{pool}] {spec.name}/{spec.name}_{disk.name}.vmdk"
-            if pool != vm_ds:
-                dirs.add(f"[{pool}] {spec.name}")
-            try:
-                slot = slots.take(disk.bus or self.defaults.disk_bus)
-            except ValueError as exc:
-                raise ConfigError(f"guest {spec.name!r} disks", disk.name, str(exc)) from None
-            changes.append(self._disk_add(disk, next(keys), slot, file_name))
-            extra.append((DISK_PREFIX + disk.name, file_name))
+            self._new_disk(spec.name, disk, disk.pool or vm_ds, vm_ds, spec.name, slots, keys, changes, extra, dirs)
         for nic in spec.nics or []:
             changes.append(self._nic_add(nic, next(keys), target.networks))
         extra += [(TAG_PREFIX + k, v) for k, v in sorted((spec.tags or {}).items())]
@@ -1104,17 +1109,7 @@ class VsphereBackend(GuestBackend):
                     extra += _cloud_init_options(cloud_init, clear=True)
             elif field.startswith("disks[") and field.endswith("]"):
                 disk = DiskSpec(**change.after)
-                pool = disk.pool or vm_ds or ""
-                directory = vm_dir if pool == vm_ds else name
-                if pool != vm_ds:
-                    dirs.add(f"[{pool}] {name}")
-                file_name = f"[{pool}] {directory}/{name}_{disk.name}.vmdk"
-                try:
-                    slot = slots.take(disk.bus or self.defaults.disk_bus)
-                except ValueError as exc:
-                    raise ConfigError(f"guest {name!r} disks", disk.name, str(exc)) from None
-                changes.append(self._disk_add(disk, next(keys), slot, file_name))
-                extra.append((DISK_PREFIX + disk.name, file_name))
+                self._new_disk(name, disk, disk.pool or vm_ds or "", vm_ds, vm_dir, slots, keys, changes, extra, dirs)
             elif field.startswith("disks[") and field.endswith("].size_gib"):
                 dev = disks[field[len("disks["):-len("].size_gib")]]
                 dev.capacityInKB = _kib(change.after)
