@@ -35,10 +35,24 @@ def invoke(stub: Any, mo: Any, method: str, *args: Any) -> Tuple[ET.Element, int
     request = stub.SerializeRequest(mo, info, list(args) + [None] * (len(info.params) - len(args)))
     headers = {"Cookie": stub.cookie, "SOAPAction": stub.versionId, "Content-Type": "text/xml; charset=UTF-8"}
     conn = stub.GetConnection()
+    size = 0
+    body = b""
+    root: Optional[ET.Element] = None
     try:
         conn.request("POST", stub.path, request, headers)
         response = conn.getresponse()
-        body = response.read()
+        if response.status != 200:
+            body = response.read()
+        else:
+            # Parsed while it arrives, so that parsing overlaps the endpoint still writing the answer.
+            parser = ET.XMLParser()  # noqa: S314 - ElementTree does not resolve external entities
+            while True:
+                chunk = response.read(1 << 16)
+                if not chunk:
+                    break
+                size += len(chunk)
+                parser.feed(chunk)
+            root = parser.close()
     except Exception:
         conn.close()
         stub.DropConnections()
@@ -50,9 +64,8 @@ def invoke(stub: Any, mo: Any, method: str, *args: Any) -> Tuple[ET.Element, int
         if isinstance(fault, BaseException):
             raise fault
         raise OSError(f"HTTP {response.status} from {method}")
-    root = ET.fromstring(body)  # noqa: S314 - the endpoint's answer; ElementTree does not resolve entities
-    returnval = root.find(f".//{VIM}returnval")
-    return (returnval if returnval is not None else ET.Element("returnval")), len(body)
+    returnval = root.find(f".//{VIM}returnval") if root is not None else None
+    return (returnval if returnval is not None else ET.Element("returnval")), size
 
 
 def retrieve(collector: Any, filter_spec: Any, options: Any,

@@ -94,3 +94,66 @@ def test_paging_follows_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = list(raw.retrieve(type("Collector", (), {"_stub": None})(), "spec", "opts", on_call=lambda: None))
     assert [r[1] for r in rows] == ["vm-1", "vm-2"]
     assert seen == [("RetrievePropertiesEx", (["spec"], "opts")), ("ContinueRetrievePropertiesEx", ("t1",))]
+
+
+class FakeResponse:
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.body = status, io.BytesIO(body)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.body.read(size)
+
+
+class FakeConnection:
+    def __init__(self, response: FakeResponse) -> None:
+        self.response = response
+        self.sent: list[tuple[str, str, Any, dict[str, str]]] = []
+
+    def request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> None:
+        self.sent.append((method, path, body, headers))
+
+    def getresponse(self) -> FakeResponse:
+        return self.response
+
+    def close(self) -> None:
+        pass
+
+
+def stub_answering(status: int, body: bytes) -> Any:
+    from pyVmomi import SoapAdapter
+
+    stub = SoapAdapter.SoapStubAdapter(host="127.0.0.1", version="vim.version.version9")
+    conn = FakeConnection(FakeResponse(status, body))
+    stub.GetConnection = lambda: conn  # type: ignore[method-assign]
+    stub.ReturnConnection = lambda c: None  # type: ignore[method-assign]
+    return stub, conn
+
+
+def test_invoke_streams_the_answer_and_sends_pyvmomis_request() -> None:
+    from pyVmomi import vmodl
+
+    body = answer()
+    stub, conn = stub_answering(200, body)
+    collector = vmodl.query.PropertyCollector("propertyCollector", stub)
+    returnval, size = raw.invoke(stub, collector, "ContinueRetrievePropertiesEx", "token-1")
+    assert size == len(body) and len(returnval.findall(f"{raw.VIM}objects")) == 2
+    method, path, request, headers = conn.sent[0]
+    assert method == "POST" and path == "/sdk" and headers["SOAPAction"] == stub.versionId
+    text = request if isinstance(request, str) else request.decode()
+    assert "<ContinueRetrievePropertiesEx" in text and "token-1" in text
+
+
+def test_invoke_raises_the_fault_pyvmomi_would() -> None:
+    from pyVmomi import vim, vmodl
+
+    fault = (b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/'
+             b'soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><soapenv:Fault>'
+             b'<faultcode>ServerFaultCode</faultcode><faultstring>The session is not authenticated.</faultstring>'
+             b'<detail><NotAuthenticatedFault xmlns="urn:vim25" xsi:type="NotAuthenticated"><object type='
+             b'"PropertyCollector">propertyCollector</object><privilegeId>System.View</privilegeId>'
+             b'</NotAuthenticatedFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>')
+    stub = stub_answering(500, fault)[0]
+    collector = vmodl.query.PropertyCollector("propertyCollector", stub)
+    with pytest.raises(Exception, match="not authenticated") as err:
+        raw.invoke(stub, collector, "ContinueRetrievePropertiesEx", "token-1")
+    assert isinstance(err.value, vim.fault.NotAuthenticated)
