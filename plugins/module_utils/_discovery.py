@@ -37,7 +37,7 @@ def discover_endpoint(endpoint: Endpoint, guests: bool, timeout: float,
         result.update(
             identity=found.identity.to_dict(),
             hypervisors=[h.to_dict() for h in found.hypervisors],
-            guests=[_guest_dict(g, found) for g in found.guests],
+            guests=_guest_dicts(found),
             bmc=found.bmc,
         )
     except VirtfleetError as exc:
@@ -54,12 +54,15 @@ def discover_endpoint(endpoint: Endpoint, guests: bool, timeout: float,
     return plain
 
 
-def _guest_dict(guest: Any, found: Any) -> Dict[str, Any]:
-    data: Dict[str, Any] = guest.to_dict()
-    # The hypervisor is named by the backend key; the caller maps it to an inventory name.
+def _guest_dicts(found: Any) -> List[Dict[str, Any]]:
+    # A guest names its hypervisor by the backend key; here it gets the hypervisor's inventory name.
     names = {h.key: h.name for h in found.hypervisors}
-    data["hypervisor"] = names.get(guest.host_key)
-    return data
+    out = []
+    for guest in found.guests:
+        data: Dict[str, Any] = guest.to_dict()
+        data["hypervisor"] = names.get(guest.host_key)
+        out.append(data)
+    return out
 
 
 def discover_all(endpoints: Sequence[Endpoint], guests: bool, timeout: float, max_workers: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,16 +119,31 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vf-bench-"))
 
     def measure(scenario: str, tool: str, sources: list[Path], ours: bool) -> None:
+        """Median of three runs for whatever takes under 15 s (one run of this machine varies by ~20%);
+        one run of the slow incumbents."""
         print(f"bench: {scenario}: {tool} ...", flush=True)
-        seconds, calls, hosts, error = run_inventory(ours, sources, password)
+        runs = [run_inventory(ours, sources, password)]
+        while len(runs) < 3 and runs[0][0] < 15 and not runs[0][3]:
+            runs.append(run_inventory(ours, sources, password))
+        seconds = statistics.median(r[0] for r in runs)
+        calls, hosts, error = runs[0][1:]
         rows.append((scenario, tool, seconds, calls, hosts, error))
-        print(f"bench: {scenario}: {tool}: {seconds:.2f}s, {hosts} hosts {error}", flush=True)
+        print(f"bench: {scenario}: {tool}: {seconds:.2f}s (runs: {', '.join(f'{r[0]:.2f}' for r in runs)}), "
+              f"{hosts} hosts {error}", flush=True)
 
     # --- vCenter, 1,680 VMs, 2 ms per call
     try:
         start_and_wait([VCENTER], password)
         for tool, sources in vsphere_sources(work, "vcenter", VCENTER, password).items():
             measure("vcenter-1680 (2 ms/call)", tool, sources, tool.startswith("virtfleet"))
+        # The same inventory served from the plugin's cache (nothing contacted): what Ansible itself takes
+        # to build and print 1,741 hosts with these hostvars, the floor under the first row.
+        cached = write(work / "vcenter-cached.hypervisors.yml",
+                       f"plugin: virtfleet.core.hypervisors\nendpoints: [vsphere://{VCENTER.address}]\nguests: true\n"
+                       f"validate_certs: false\ncache: true\ncache_plugin: ansible.builtin.jsonfile\n"
+                       f"cache_connection: {work / 'cache'}\n")
+        run_inventory(True, [cached], password)
+        measure("vcenter-1680 (2 ms/call)", "virtfleet.core.hypervisors, cache hit", [cached], True)
     finally:
         stop([VCENTER])
 
@@ -179,13 +195,15 @@ def main() -> int:
 
 
 def report(rows: list[tuple[str, str, float, int | None, int, str]]) -> None:
-    ours = {s: t for s, tool, t, _c, _h, e in rows if tool.startswith("virtfleet") and not e}
+    ours = {s: t for s, tool, t, _c, _h, e in rows if tool == "virtfleet.core.hypervisors" and not e}
     lines = ["| scenario | tool | seconds | remote calls | hosts listed | vs virtfleet |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for scenario, tool, seconds, calls, hosts, error in rows:
         base = ours.get(scenario)
-        if tool.startswith("virtfleet"):
+        if tool == "virtfleet.core.hypervisors":
             ratio = "1.0x"
+        elif tool.startswith("virtfleet"):
+            ratio = f"{seconds / base:.2f} of it" if base else "n/a"
         elif error or not base:
             ratio = "n/a"
         else:
@@ -200,7 +218,10 @@ def report(rows: list[tuple[str, str, float, int | None, int, str]]) -> None:
     write_section("<!-- bench-discovery -->",
                   f"## Discovery (`make bench-discovery`)\n\n{machine()}, all tools in one run on the same "
                   "simulators. Wall time of `ansible-inventory --list`, end to end; remote calls are this "
-                  "collection's own count of SOAP/RPC round trips.\n\n" + table)
+                  "collection's own count of SOAP/RPC round trips. Seconds are the median of three runs for anything "
+                  "under 15 s (single runs on this machine vary by ~20%), one run otherwise. The cache-hit row "
+                  "serves the same inventory from the plugin's cache without contacting anything: the part of "
+                  "the first row that is Ansible building and printing 1,741 hosts.\n\n" + table)
 
 
 if __name__ == "__main__":
