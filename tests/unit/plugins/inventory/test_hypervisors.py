@@ -170,8 +170,11 @@ def test_discover_all_runs_endpoints_in_parallel_and_keeps_order() -> None:
     assert [r["hypervisors"][0]["name"] for r in results] == [f"h{i}" for i in range(8)]
 
 
-@pytest.mark.parametrize(("version", "untrusted"), [("2.17.14", False), ("2.18.0", False), ("2.19.0", True),
-                                                     ("2.20.1", True), ("3.0.0", True), ("devel", False)])
+VERSIONS = [("2.17.14", False), ("2.18.0", False), ("2.19.0", True), ("2.20.1", True), ("3.0.0", True),
+            ("devel", False)]
+
+
+@pytest.mark.parametrize(("version", "untrusted"), VERSIONS)
 def test_wrap_var_is_only_skipped_where_ansible_does_not_trust_plugin_data(version: str, untrusted: bool) -> None:
     from ansible_collections.virtfleet.core.plugins.inventory import hypervisors
 
