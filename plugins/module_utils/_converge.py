@@ -69,7 +69,7 @@ def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement
         backend.verify_spec(spec)
     capacity = backend.capacity(placement)
     states = backend.read_guests(placement)
-    planner = Planner(capacity, backend.defaults, options.plan)
+    planner = Planner(capacity, backend.defaults, options.plan, backend.leftover_disks(specs, placement))
     plans = [planner.plan(spec, find_current(spec, states)) for spec in specs]
     if options.exclusive:
         kept = {id(p.current) for p in plans if p.current is not None}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ._errors import ConfigError
 from ._model import DiskSpec, GuestSpec, GuestState, HostCapacity, NicSpec
@@ -97,10 +97,12 @@ class Planner:
     """Plans guests against one host. Keeps the MACs already claimed so that two guests of one
     ``guests`` call cannot take the same address."""
 
-    def __init__(self, capacity: HostCapacity, defaults: BackendDefaults, options: PlanOptions) -> None:
+    def __init__(self, capacity: HostCapacity, defaults: BackendDefaults, options: PlanOptions,
+                 leftovers: Optional[Dict[Tuple[str, str], float]] = None) -> None:
         self.capacity = capacity
         self.defaults = defaults
         self.options = options
+        self.leftovers = leftovers or {}
         self.claimed_macs: Dict[str, str] = dict(capacity.macs)
 
     # ------------------------------------------------------------------ entry point
@@ -135,9 +137,18 @@ class Planner:
         if self.capacity.pools and pool not in self.capacity.pools:
             raise _err(name, f"disks[{index}].pool", pool,
                        f"no such pool/datastore on the host (known: {', '.join(sorted(self.capacity.pools))})")
-        if disk.size_gib is None and not disk.source:
+        size = disk.size_gib
+        kept = self.leftovers.get((name, disk.name))
+        if kept is not None:
+            # Storage kept from an earlier guest of this name is reused (and grown), never shrunk.
+            if size is not None and size < kept - 0.005:
+                raise _err(name, f"disks[{index}].size_gib", size,
+                           f"a {kept:g} GiB disk kept from an earlier guest {name!r} would be reused and cannot "
+                           "shrink; set size_gib to at least that or delete the kept volume")
+            size = max(size or 0.0, kept)
+        elif size is None and not disk.source:
             raise _err(name, f"disks[{index}].size_gib", None, "a new disk needs size_gib or source")
-        return DiskSpec(name=disk.name, size_gib=disk.size_gib, pool=pool,
+        return DiskSpec(name=disk.name, size_gib=size, pool=pool,
                         format=disk.format or self.defaults.disk_format, source=disk.source,
                         bus=disk.bus or self.defaults.disk_bus)
 

@@ -193,6 +193,17 @@ def test_absent_keeps_disks_unless_asked_and_never_foreign_ones(
     assert gone["changed"] is True and not exists(libvirt_conn, kept)
     assert volumes(libvirt_conn, lab, kept) == {f"{kept}-root.qcow2"}, "disk removed without remove_storage"
 
+    # Re-created under the same name, the guest gets its kept disk back: grown if asked, never shrunk.
+    smaller = run_module("guest", {**base_args(lab), **spec(kept, lab, disks=[{"name": "root", "size_gib": 0.5}])})
+    assert smaller["_status"] == "FAILED!" and "a 1 GiB disk kept from an earlier guest" in smaller["msg"]
+    assert not exists(libvirt_conn, kept)
+    bigger = {**base_args(lab), **spec(kept, lab, disks=[{"name": "root", "size_gib": 2}])}
+    planned_again = run_module("guest", bigger, check=True)
+    again = run_module("guest", bigger)
+    assert without_uuid(again["guest"]) == without_uuid(planned_again["guest"])
+    assert again["guest"]["disks"][0]["size_gib"] == 2.0
+    assert run_module("guest", bigger)["changed"] is False
+
     run_module("guest", {**base_args(lab), "name": removed, "state": "absent", "remove_storage": True})
     assert not exists(libvirt_conn, removed)
     assert volumes(libvirt_conn, lab, removed) == {foreign}, "remove_storage must delete only our own disks"
@@ -206,7 +217,8 @@ def test_exclusive_removes_only_owned_guests(
     run_module("guests", {**base_args(lab), "guests": [spec(keep, lab), spec(prune, lab)]})
     libvirt_conn.defineXML(f"<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>32</memory>"
                            "<os><type arch='x86_64'>hvm</type></os></domain>")
-    args = {**base_args(lab), "guests": [spec(keep, lab)], "exclusive": True}
+    # remove_storage: the pruned guests' disks go too (in the lab that includes any other owned guest's).
+    args = {**base_args(lab), "guests": [spec(keep, lab)], "exclusive": True, "remove_storage": True}
     planned = run_module("guests", args, check=True)
     removed = {g["name"] for g in planned["guests"] if g["action"] == "remove"}
     assert prune in removed and foreign not in removed and not any(n.startswith("vflab-") for n in removed)

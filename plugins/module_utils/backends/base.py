@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, List, Optional, TypeVar
+from typing import Any, Dict, List, Optional, Tuple, TypeVar
 
 from .._endpoints import Endpoint
 from .._model import Discovery, GuestSpec, GuestState, HostCapacity, Identity, Placement
@@ -62,6 +62,11 @@ class GuestBackend(HypervisorBackend):
     @abc.abstractmethod
     def read_guests(self, placement: Placement) -> List[GuestState]:
         """Every guest within reach, normalised into GuestState, in a fixed number of round trips."""
+
+    def leftover_disks(self, specs: List[GuestSpec], placement: Placement) -> Dict[Tuple[str, str], float]:
+        """(guest, disk) -> GiB of storage that creating that disk would reuse: a disk kept when a guest of the
+        same name was removed without remove_storage. The planner checks sizes against it."""
+        return {}
 
     def verify_spec(self, spec: GuestSpec) -> None:
         """Raise ConfigError for a field this hypervisor cannot do (called for every guest before any change)."""

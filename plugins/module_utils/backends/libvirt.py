@@ -288,6 +288,29 @@ class LibvirtGuests:
                           owned=meta is not None and meta.get("owner") == OWNER_TAG, created_disks=created,
                           max_vcpus=max_vcpus, max_memory_mib=max_memory, ref=dom)
 
+    def leftover_disks(self, specs: List[GuestSpec], placement: Placement) -> Dict[Tuple[str, str], float]:
+        """Volumes named like a disk of these guests already in their pools: one listing per pool."""
+        default = placement.pool or (getattr(self, "_capacity", None) or HostCapacity()).default_pool
+        wanted: Dict[Tuple[str, str], Tuple[str, str]] = {}
+        for spec in specs:
+            for disk in spec.disks or []:
+                pool = disk.pool or default
+                if pool:
+                    full = DiskSpec(name=disk.name, format=disk.format or "qcow2")
+                    wanted[(pool, self._volume_name(spec.name, full))] = (spec.name, disk.name)
+        found: Dict[Tuple[str, str], float] = {}
+        for pool_name in sorted({pool for pool, _vol in wanted}):
+            try:
+                pool = self.connect().storagePoolLookupByName(pool_name)
+                names = set(pool.listVolumes())
+                self.calls += 2
+            except libvirt.libvirtError:
+                continue  # an unknown pool is the planner's to report
+            for (where, volume), key in wanted.items():
+                if where == pool_name and volume in names:
+                    found[key] = gib(self._call("volume info", pool.storageVolLookupByName(volume).info)[1]) or 0.0
+        return found
+
     # ------------------------------------------------------------------ verify
     def verify_spec(self, spec: GuestSpec) -> None:
         for i, disk in enumerate(spec.disks or []):
@@ -433,18 +456,23 @@ class LibvirtGuests:
         return str(capacity.default_pool)
 
     # ------------------------------------------------------------------ volumes
-    def _create_volume(self, guest: str, disk: DiskSpec) -> Any:
-        """Create (or clone from DISK.source) the volume; reuse one left by an interrupted run."""
+    def _create_volume(self, guest: str, disk: DiskSpec) -> Tuple[Any, bool]:
+        """Create (or clone from DISK.source) the volume, or reuse (and grow) one kept from an earlier guest of
+        this name or left by an interrupted run. Returns (volume, whether this call created it)."""
         pool = self._pool(disk.pool or "")
         name = self._volume_name(guest, disk)
+        size = int((disk.size_gib or 0) * 1024**3)
         try:
             self.calls += 1
-            return pool.storageVolLookupByName(name)
+            kept = pool.storageVolLookupByName(name)
         except libvirt.libvirtError:
-            pass
+            kept = None
+        if kept is not None:  # kept from an earlier guest of this name, or an interrupted run: reuse, grow
+            if size > self._call("volume info", kept.info)[1]:
+                self._call("volume resize", kept.resize, size, 0)
+            return kept, False
         vol_xml = ET.Element("volume")
         _sub(vol_xml, "name", name)
-        size = int((disk.size_gib or 0) * 1024**3)
         _sub(vol_xml, "capacity", str(size), unit="bytes")
         target = _sub(vol_xml, "target")
         _sub(target, "format", type=disk.format or "qcow2")
@@ -456,8 +484,8 @@ class LibvirtGuests:
             vol = self._call(f"clone of {disk.source!r}", pool.createXMLFrom, _xml(vol_xml), source, 0)
             if size and self._call("volume info", vol.info)[1] < size:
                 self._call("volume resize", vol.resize, size, 0)
-            return vol
-        return self._call(f"volume {name!r}", pool.createXML, _xml(vol_xml), 0)
+            return vol, True
+        return self._call(f"volume {name!r}", pool.createXML, _xml(vol_xml), 0), True
 
     def _write_seed(self, spec: GuestSpec, cloud_init: CloudInit) -> None:
         data = build_seed_iso(cloud_init)
@@ -484,7 +512,9 @@ class LibvirtGuests:
         made: List[Any] = []
         try:
             for disk in spec.disks or []:
-                made.append(self._create_volume(spec.name, disk))
+                vol, created = self._create_volume(spec.name, disk)
+                if created:
+                    made.append(vol)
             if spec.cloud_init is not None:
                 self._write_seed(spec, spec.cloud_init)
             root = self._domain_xml(spec, self._domain_type(placement))
@@ -493,7 +523,7 @@ class LibvirtGuests:
                 self._call("autostart", dom.setAutostart, 1)
             return GuestState(spec=spec, power_state="stopped", owned=True, ref=dom)
         except Exception:
-            for vol in made:  # nothing half-created: drop the volumes this call made
+            for vol in made:  # nothing half-created: drop the volumes this call made (never a reused one)
                 try:
                     vol.delete(0)
                 except libvirt.libvirtError:

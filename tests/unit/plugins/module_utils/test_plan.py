@@ -265,3 +265,13 @@ def test_failure_of_one_guest_is_reported_per_guest() -> None:
     results = {r.name: r for r in converge(backend, specs, Placement(), RunOptions())}
     assert results["web01"].failed and "connection lost" in (results["web01"].msg or "")
     assert not results["new01"].failed and "new01" in backend.states
+
+
+def test_a_disk_kept_from_an_earlier_guest_is_reused_grown_never_shrunk() -> None:
+    kept = Planner(CAPACITY, BackendDefaults(), PlanOptions(), leftovers={("new01", "data"): 3.0})
+    grown = kept.plan(guest_spec_from_dict({"name": "new01", "disks": [{"name": "data", "size_gib": 4}]}), None)
+    assert grown.after is not None and grown.after.disks is not None and grown.after.disks[0].size_gib == 4
+    sized = kept.plan(guest_spec_from_dict({"name": "new01", "disks": [{"name": "data"}]}), None)
+    assert sized.after is not None and sized.after.disks is not None and sized.after.disks[0].size_gib == 3.0
+    with pytest.raises(ConfigError, match=r"guest 'new01' disks\[0\].size_gib=2.0: a 3 GiB disk kept"):
+        kept.plan(guest_spec_from_dict({"name": "new01", "disks": [{"name": "data", "size_gib": 2}]}), None)
