@@ -328,3 +328,26 @@ def test_guest_info_filters_and_module_defaults_group(
     proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
                            str(playbook)], env=ansible_env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_nic_model_and_disk_bus_wait_for_a_restart_autostart_does_not(
+        lab: dict[str, Any], libvirt_conn: Any, run_module: Run, names: list[str]) -> None:
+    name = unique("devices")
+    names.append(name)
+    args = {**base_args(lab), **spec(name, lab), **booting(lab, name), "state": "running"}
+    created = run_module("guest", args)
+    mac = created["guest"]["nics"][0]["mac"]
+    changed = {**args, "autostart": True, "disks": [{"name": "root", "size_gib": 1, "bus": "sata"}],
+               "nics": [{"network": lab["libvirt"]["network"], "mac": mac, "model": "e1000"}]}
+    done = run_module("guest", changed)
+    assert {c["field"]: c["live"] for c in done["changes"]} == {
+        "autostart": True, "disks[root].bus": False, f"nics[{mac}].model": False}
+    assert done["restart_required"] is True
+    dom = libvirt_conn.lookupByName(name)
+    assert dom.autostart() == 1
+    persistent = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    running = ET.fromstring(dom.XMLDesc(0))
+    assert persistent.find("./devices/interface/model").get("type") == "e1000"
+    assert running.find("./devices/interface/model").get("type") == "virtio", "a restart-only change went live"
+    assert persistent.find("./devices/disk/alias[@name='ua-root']/../target").get("bus") == "sata"
+    assert run_module("guest", changed)["changed"] is False
