@@ -121,8 +121,12 @@ def converge(backend: GuestBackend, specs: List[GuestSpec], placement: Placement
                     except Exception as exc:  # noqa: BLE001 - reported per guest, never a bare traceback
                         errors[futures[future]] = f"{type(exc).__name__}: {one_line(exc)}"
     after: Dict[str, GuestState] = {}
+    read_back_error = None
     if not options.check_mode and any(p.changed for p in plans):
-        after = {s.spec.name: s for s in backend.read_guests(placement)}
+        try:
+            after = {s.spec.name: s for s in backend.read_guests(placement)}
+        except VirtfleetError as exc:  # the changes are made: report them, and that the read-back failed
+            read_back_error = f"changed, but reading the guests back failed: {exc}"
     results = []
     for i, plan in enumerate(plans):
         name = plan.desired.name
@@ -140,8 +144,8 @@ def converge(backend: GuestBackend, specs: List[GuestSpec], placement: Placement
             restart_required=plan.restart_required,
             guest=facts,
             before=plan.current.spec.facts() if plan.current is not None else None,
-            failed=i in errors,
-            msg=errors.get(i),
+            failed=i in errors or (read_back_error is not None and plan.changed),
+            msg=errors.get(i) or (read_back_error if plan.changed else None),
         ))
     return results
 

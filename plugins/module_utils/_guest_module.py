@@ -8,6 +8,7 @@ Errors become a failure exactly once, here; everything below raises domain excep
 from __future__ import annotations
 
 import fnmatch
+import traceback
 from typing import Any, Dict, List, Optional
 
 from ansible.module_utils.basic import AnsibleModule
@@ -20,7 +21,7 @@ from ._argspec import (
     run_options_from_params,
 )
 from ._converge import converge, diff_of
-from ._errors import ConfigError, VirtfleetError
+from ._errors import ConfigError, VirtfleetError, one_line
 from ._model import GuestSpec, GuestState, guest_spec_from_dict
 from .backends.base import GuestBackend, backend_for
 
@@ -63,6 +64,8 @@ def run_guests(module: AnsibleModule, single: bool) -> None:
             results = converge(backend, specs, placement, options)
     except VirtfleetError as exc:
         module.fail_json(msg=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a library error outside the expected ones: one line + traceback
+        module.fail_json(msg=f"unexpected {type(exc).__name__}: {one_line(exc)}", exception=traceback.format_exc())
     out: Dict[str, Any] = {"changed": any(r.changed for r in results),
                            "restart_required": any(r.restart_required for r in results)}
     if single:

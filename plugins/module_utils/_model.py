@@ -280,6 +280,8 @@ class GuestState:
     created_disks: List[str] = dataclasses.field(default_factory=list)  # disk names this collection created
     max_vcpus: Optional[int] = None  # highest vCPU count reachable without a restart
     max_memory_mib: Optional[int] = None  # highest memory reachable without a restart
+    # Fields whose persistent value differs from what the running guest has (a change waiting for a restart).
+    pending_restart: List[str] = dataclasses.field(default_factory=list)
     ref: Any = None  # backend handle (libvirt domain, vSphere moref)
 
 

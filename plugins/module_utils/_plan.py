@@ -50,9 +50,9 @@ class GuestPlan:
     def changed(self) -> bool:
         return bool(self.changes)
 
-    @property
-    def running(self) -> bool:
-        return self.current is not None and self.current.power_state == "running"
+
+# A paused (libvirt) or PM-suspended guest still has its running configuration in memory.
+ACTIVE = ("running", "paused", "suspended")
 
 
 @dataclasses.dataclass
@@ -70,6 +70,8 @@ class BackendDefaults:
     disk_bus: str = "virtio"
     nic_model: str = "virtio"
     mac_prefix: str = "52:54:00"
+    # Buses a disk can be hot-plugged on (QEMU cannot hot-plug IDE or SATA disks).
+    hotplug_buses: Tuple[str, ...] = ("virtio", "scsi")
     # libvirt keeps a persistent definition beside the running one, so a restart-only change can wait there;
     # vSphere cannot, and such a change on a running guest is refused while planning unless it may restart.
     stages_restart_changes: bool = True
@@ -199,7 +201,7 @@ class Planner:
         if desired.uuid is not None and have.uuid and desired.uuid != have.uuid:
             raise _err(name, "uuid", desired.uuid, f"the guest named {name!r} has uuid {have.uuid}")
         after = copy.deepcopy(have)
-        running = current.power_state == "running"
+        running = current.power_state in ACTIVE
         changes = plan.changes
 
         def change(field: str, before: Any, value: Any, live: bool) -> None:
@@ -244,7 +246,8 @@ class Planner:
         self._plan_disks(desired, current, after, change)
         self._plan_nics(desired, current, after, change)
 
-        plan.restart_required = any(not c.live for c in changes)
+        # Also what an earlier run wrote to the persistent definition and is still waiting for a restart.
+        plan.restart_required = any(not c.live for c in changes) or (running and bool(current.pending_restart))
         if changes:
             plan.action = "update"
         self._plan_power(desired, current, plan)
@@ -258,7 +261,7 @@ class Planner:
             old = have.get(disk.name)
             if old is None:
                 new = self._verify_new_disk(desired.name, i, disk)
-                change(f"disks[{disk.name}]", None, dataclasses.asdict(new), True)
+                change(f"disks[{disk.name}]", None, dataclasses.asdict(new), new.bus in self.defaults.hotplug_buses)
                 after_disks.append(new)
                 continue
             if disk.size_gib is not None and old.size_gib is not None:
@@ -310,7 +313,8 @@ class Planner:
             if state != "running":
                 plan.power = "start"
                 plan.changes.append(Change("power_state", state, "running"))
-                plan.restart_required = False  # a start applies everything
+                if state not in ACTIVE:
+                    plan.restart_required = False  # a cold start applies everything; a resume does not
             elif plan.restart_required and self.options.allow_restart:
                 plan.power = "restart"
                 plan.changes.append(Change("power_state", "running", "restarted"))
@@ -327,7 +331,7 @@ class Planner:
         if plan.changes and plan.action == "none":
             plan.action = "update"
         waiting = [c for c in plan.changes if not c.live]
-        if (state == "running" and waiting and plan.power not in ("stop", "restart")
+        if (state in ACTIVE and waiting and plan.power not in ("stop", "restart")
                 and not self.defaults.stages_restart_changes):
             raise _err(desired.name, waiting[0].field, waiting[0].after,
                        "cannot change while the guest runs on this hypervisor and cannot wait for a restart: set "

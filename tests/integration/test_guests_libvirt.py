@@ -56,7 +56,7 @@ def names(libvirt_conn: Any, lab: dict[str, Any]) -> Iterator[list[str]]:
         except libvirt.libvirtError:
             pass
         for vol in pool.listAllVolumes(0):
-            if vol.name().startswith(name + "-"):
+            if vol.name().startswith(name + "+"):
                 vol.delete(0)
 
 
@@ -67,7 +67,7 @@ def unique(prefix: str) -> str:
 def volumes(conn: Any, lab: dict[str, Any], name: str) -> set[str]:
     pool = conn.storagePoolLookupByName(lab["libvirt"]["pool"])
     pool.refresh(0)
-    return {v.name() for v in pool.listAllVolumes(0) if v.name().startswith(name + "-")}
+    return {v.name() for v in pool.listAllVolumes(0) if v.name().startswith(name + "+")}
 
 
 def exists(conn: Any, name: str) -> bool:
@@ -103,7 +103,7 @@ def test_create_check_mode_is_exact_and_harmless_then_rerun_changes_nothing(
     root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     assert root.findtext("currentMemory") == str(64 * 1024)
     assert root.find("./devices/disk/alias[@name='ua-root']") is not None
-    assert volumes(libvirt_conn, lab, name) == {f"{name}-root.qcow2", f"{name}-cidata.iso"}
+    assert volumes(libvirt_conn, lab, name) == {f"{name}+root.qcow2", f"{name}+cidata.iso"}
     assert done["guest"]["uuid"] == dom.UUIDString()
     assert done["guest"]["nics"][0]["mac"] == planned["guest"]["nics"][0]["mac"]
 
@@ -138,7 +138,8 @@ def test_in_place_changes_report_live_and_restart_required(
     assert len(live.findall("./devices/interface")) == 2, "NIC not attached live"
     assert live.find("./devices/disk/alias[@name='ua-data']") is not None, "disk not attached live"
     assert dom.blockInfo("vda")[0] == 2 * 1024**3, "disk not grown live"
-    assert run_module("guest", live_change)["changed"] is False
+    rerun = run_module("guest", live_change)
+    assert rerun["changed"] is False and rerun["restart_required"] is False, "live changes left a restart pending"
 
     memory = {**live_change, "memory_mib": 160}
     pending = run_module("guest", memory)
@@ -146,6 +147,9 @@ def test_in_place_changes_report_live_and_restart_required(
     assert pending["restart_required"] is True
     assert dom.maxMemory() == 128 * 1024, "a restart-only change reached the running guest"
     assert ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext("currentMemory") == str(160 * 1024)
+    # The next run changes nothing but still says the guest waits for a restart (read from the live definition).
+    waiting = run_module("guest", memory)
+    assert waiting["changed"] is False and waiting["restart_required"] is True and waiting["changes"] == []
 
     firmware_kernel = {**memory, "boot": {**memory["boot"], "cmdline": "console=ttyS0 panic=-1"},
                        "allow_restart": True, "force": True, "shutdown_timeout": 2}
@@ -180,7 +184,7 @@ def test_absent_keeps_disks_unless_asked_and_never_foreign_ones(
         run_module("guest", {**base_args(lab), **spec(name, lab)})
     # A disk made elsewhere and attached to the guest: never deleted by this collection.
     pool = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"])
-    foreign = f"{removed}-foreign.qcow2"
+    foreign = f"{removed}+foreign.qcow2"
     pool.createXML(f"<volume><name>{foreign}</name><capacity unit='MiB'>8</capacity>"
                    "<target><format type='qcow2'/></target></volume>", 0)
     libvirt_conn.lookupByName(removed).attachDeviceFlags(
@@ -191,7 +195,7 @@ def test_absent_keeps_disks_unless_asked_and_never_foreign_ones(
     assert planned["changed"] is True and exists(libvirt_conn, kept)
     gone = run_module("guest", {**base_args(lab), "name": kept, "state": "absent"})
     assert gone["changed"] is True and not exists(libvirt_conn, kept)
-    assert volumes(libvirt_conn, lab, kept) == {f"{kept}-root.qcow2"}, "disk removed without remove_storage"
+    assert volumes(libvirt_conn, lab, kept) == {f"{kept}+root.qcow2"}, "disk removed without remove_storage"
 
     # Re-created under the same name, the guest gets its kept disk back: grown if asked, never shrunk.
     smaller = run_module("guest", {**base_args(lab), **spec(kept, lab, disks=[{"name": "root", "size_gib": 0.5}])})

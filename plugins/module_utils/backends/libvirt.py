@@ -11,7 +11,7 @@ import io
 import socket
 import time
 import xml.etree.ElementTree as ET
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 from .._endpoints import Endpoint
@@ -187,14 +187,24 @@ class LibvirtGuests:
         autostart = {d.UUIDString() for d in autostarting}
         volumes: Dict[Tuple[str, str], Optional[float]] = {}
         states, macs = [], {}
+        self._in_use: Dict[Tuple[str, str], str] = {}
         for dom, values in stats:
             try:
                 self.calls += 1
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             except libvirt.libvirtError:
                 continue  # undefined meanwhile
-            state = self._state(dom, ET.fromstring(xml), values, autostart, volumes)  # noqa: S314
+            root = ET.fromstring(xml)  # noqa: S314
+            state = self._state(dom, root, values, autostart, volumes)
+            if state.power_state in ("running", "paused", "suspended"):
+                # What a restart would change: compare the persistent definition with the running one.
+                live = ET.fromstring(self._call("live definition", dom.XMLDesc, 0))  # noqa: S314
+                wanted, running = _restart_view(root), _restart_view(live)
+                state.pending_restart = sorted(k for k in wanted if wanted[k] != running[k])
             states.append(state)
+            for element in root.findall("./devices/disk/source"):
+                if element.get("pool") and element.get("volume"):
+                    self._in_use[(element.get("pool", ""), element.get("volume", ""))] = state.spec.name
             for nic in state.spec.nics or []:
                 if nic.mac:
                     macs[nic.mac] = state.spec.name
@@ -255,12 +265,9 @@ class LibvirtGuests:
             nics.append(NicSpec(network=network or "", mac=mac_el.get("address", "").lower() if mac_el is not None
                                 else None, model=model_el.get("type") if model_el is not None else None))
         os_el = root.find("os")
-        firmware = "bios"
+        firmware = _firmware_of(os_el)
         boot = None
         if os_el is not None:
-            loader = os_el.find("loader")
-            if os_el.get("firmware") == "efi" or (loader is not None and loader.get("type") == "pflash"):
-                firmware = "uefi"
             if os_el.findtext("kernel"):
                 boot = BootSpec(kernel=os_el.findtext("kernel"), initrd=os_el.findtext("initrd"),
                                 cmdline=os_el.findtext("cmdline"))
@@ -307,8 +314,15 @@ class LibvirtGuests:
             except libvirt.libvirtError:
                 continue  # an unknown pool is the planner's to report
             for (where, volume), key in wanted.items():
-                if where == pool_name and volume in names:
-                    found[key] = gib(self._call("volume info", pool.storageVolLookupByName(volume).info)[1]) or 0.0
+                if where != pool_name or volume not in names:
+                    continue
+                holder = getattr(self, "_in_use", {}).get((where, volume))
+                if holder is not None and holder != key[0]:
+                    problem = f"its volume {volume!r} in pool {where!r} is in use by guest {holder!r}"
+                    raise ConfigError(f"guest {key[0]!r} disks", key[1], problem)
+                if holder is None:
+                    vol = self._call("volume", pool.storageVolLookupByName, volume)
+                    found[key] = gib(self._call("volume info", vol.info)[1]) or 0.0
         return found
 
     # ------------------------------------------------------------------ verify
@@ -331,7 +345,8 @@ class LibvirtGuests:
 
     @staticmethod
     def _volume_name(guest: str, disk: DiskSpec) -> str:
-        return f"{guest}-{disk.name}.{_VOL_EXT.get(disk.format or 'qcow2', 'img')}"
+        # '+' cannot occur in guest or disk names, so no two (guest, disk) pairs share a volume name.
+        return f"{guest}+{disk.name}.{_VOL_EXT.get(disk.format or 'qcow2', 'img')}"
 
     @staticmethod
     def _disk_element(guest: str, disk: DiskSpec, dev: str) -> ET.Element:
@@ -354,7 +369,7 @@ class LibvirtGuests:
     def _seed_element(pool: str, guest: str, dev: str) -> ET.Element:
         element = ET.Element("disk", {"type": "volume", "device": "disk"})
         _sub(element, "driver", name="qemu", type="raw")
-        _sub(element, "source", pool=pool, volume=f"{guest}-cidata.iso")
+        _sub(element, "source", pool=pool, volume=f"{guest}+cidata.iso")
         _sub(element, "target", dev=dev, bus="virtio")
         _sub(element, "readonly")
         _sub(element, "alias", name=SEED_ALIAS)
@@ -371,15 +386,16 @@ class LibvirtGuests:
         raise EndpointError("libvirt", f"no free {bus} disk target left")
 
     @staticmethod
-    def _metadata(root: ET.Element) -> ET.Element:
-        """Our <metadata> element, created when missing."""
+    def _metadata(root: ET.Element, owner: bool = False) -> ET.Element:
+        """Our <metadata> element, created when missing. Only a guest this collection creates is marked as
+        its own (OWNER): editing a guest made elsewhere must never make `exclusive` remove it later."""
         metadata = root.find("metadata")
         if metadata is None:
             metadata = ET.Element("metadata")
             root.insert(3, metadata)
         meta = metadata.find(_ns("guest"))
         if meta is None:
-            meta = _sub(metadata, _ns("guest"), owner=OWNER_TAG)
+            meta = _sub(metadata, _ns("guest"), owner=OWNER_TAG if owner else None)
         return meta
 
     @staticmethod
@@ -395,15 +411,18 @@ class LibvirtGuests:
             meta.remove(seed)
         _sub(meta, _ns("cloud-init"), digest=digest)
 
-    def _domain_xml(self, spec: GuestSpec, domain_type: str) -> ET.Element:
+    def _domain_xml(self, spec: GuestSpec, domain_type: str, reused: Set[str]) -> ET.Element:
         root = ET.Element("domain", {"type": domain_type})
         _sub(root, "name", spec.name)
         if spec.uuid:
             _sub(root, "uuid", spec.uuid)
-        meta = self._metadata(root)
+        meta = self._metadata(root, owner=True)
         self._set_tags(meta, spec.tags or {})
         for disk in spec.disks or []:
-            _sub(meta, _ns("disk"), name=disk.name, created="yes", source=disk.source)
+            # A reused volume (kept from an earlier guest of this name) is not recorded as created here, so
+            # remove_storage never deletes storage this run did not make.
+            _sub(meta, _ns("disk"), name=disk.name, created="no" if disk.name in reused else "yes",
+                 source=disk.source)
         if spec.cloud_init is not None:
             self._set_digest(meta, spec.cloud_init.digest())
         memory_kib = str((spec.memory_mib or 1024) * 1024)
@@ -487,14 +506,18 @@ class LibvirtGuests:
             return vol, True
         return self._call(f"volume {name!r}", pool.createXML, _xml(vol_xml), 0), True
 
-    def _write_seed(self, spec: GuestSpec, cloud_init: CloudInit) -> None:
+    def _write_seed(self, spec: GuestSpec, cloud_init: CloudInit, pool_name: Optional[str] = None,
+                    name: Optional[str] = None) -> List[Any]:
+        """Write the seed ISO to POOL_NAME/NAME (default: the guest's seed pool and name); returns the volume
+        when this call created it. A volume only grows: ISO readers ignore bytes after the image."""
         data = build_seed_iso(cloud_init)
-        pool = self._pool(self._seed_pool(spec))
-        name = f"{spec.name}-cidata.iso"
+        pool = self._pool(pool_name or self._seed_pool(spec))
+        name = name or f"{spec.name}+cidata.iso"
+        created = []
         try:
             self.calls += 1
             vol = pool.storageVolLookupByName(name)
-            if vol.info()[1] != len(data):
+            if vol.info()[1] < len(data):
                 self._call("seed resize", vol.resize, len(data), 0)
         except libvirt.libvirtError:
             vol_xml = ET.Element("volume")
@@ -502,28 +525,40 @@ class LibvirtGuests:
             _sub(vol_xml, "capacity", str(len(data)), unit="bytes")
             _sub(_sub(vol_xml, "target"), "format", type="raw")
             vol = self._call("seed volume", pool.createXML, _xml(vol_xml), 0)
+            created.append(vol)
         stream = self.connect().newStream(0)
         self._call("seed upload", vol.upload, stream, 0, len(data), 0)
         self._call("seed upload", stream.send, data)
         self._call("seed upload", stream.finish)
+        return created
 
     # ------------------------------------------------------------------ mutators
     def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
         made: List[Any] = []
+        reused: Set[str] = set()
+        dom = None
         try:
             for disk in spec.disks or []:
                 vol, created = self._create_volume(spec.name, disk)
                 if created:
                     made.append(vol)
+                else:
+                    reused.add(disk.name)
             if spec.cloud_init is not None:
-                self._write_seed(spec, spec.cloud_init)
-            root = self._domain_xml(spec, self._domain_type(placement))
+                made.extend(self._write_seed(spec, spec.cloud_init))
+            root = self._domain_xml(spec, self._domain_type(placement), reused)
             dom = self._call(f"define guest {spec.name!r}", self.connect().defineXML, _xml(root))
             if spec.autostart:
                 self._call("autostart", dom.setAutostart, 1)
             return GuestState(spec=spec, power_state="stopped", owned=True, ref=dom)
         except Exception:
-            for vol in made:  # nothing half-created: drop the volumes this call made (never a reused one)
+            # Nothing half-created: undefine what was defined, drop the volumes this call made (never a reused one).
+            try:
+                if dom is not None:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError:
+                pass
+            for vol in made:
                 try:
                     vol.delete(0)
                 except libvirt.libvirtError:
@@ -533,7 +568,7 @@ class LibvirtGuests:
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
         dom = current.ref
         name = current.spec.name
-        running = current.power_state == "running"
+        running = current.power_state in ("running", "paused", "suspended")  # QEMU holds the image open
         root = ET.fromstring(self._call("read definition", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE))  # noqa: S314
         devices = root.find("devices")
         if devices is None:
@@ -557,7 +592,9 @@ class LibvirtGuests:
             elif field == "memory_mib":
                 kib = str(value * 1024)
                 memory = root.find("memory")
-                if memory is not None and _mib_of(memory) < value:
+                if memory is not None and (not change.live or (_mib_of(memory) or 0) < value):
+                    # A guest without a balloon driver uses <memory>, so lowering only currentMemory would not
+                    # lower what it gets after the restart.
                     memory.text, memory.attrib["unit"] = kib, "KiB"
                 current_memory = root.find("currentMemory")
                 if current_memory is None:
@@ -590,24 +627,29 @@ class LibvirtGuests:
             elif field == "tags":
                 self._set_tags(self._metadata(root), value)
                 if hot:
-                    meta = ET.Element(_ns("guest"), {"owner": OWNER_TAG})
+                    meta = ET.Element(_ns("guest"), {"owner": OWNER_TAG} if current.owned else {})
                     self._set_tags(meta, value)
                     live.append(("tags", dom.setMetadata, (libvirt.VIR_DOMAIN_METADATA_ELEMENT, _xml(meta), "vf",
                                                            METADATA_NS, live_flag)))
             elif field == "cloud_init":
                 cloud_init = after.cloud_init or plan.desired.cloud_init
                 if cloud_init is not None:
-                    self._write_seed(after, cloud_init)
+                    seeds = [_Disk(e) for e in root.findall("./devices/disk") if _Disk(e).is_seed]
+                    if seeds:
+                        self._write_seed(after, cloud_init, seeds[0].pool, seeds[0].volume)
+                    else:
+                        self._write_seed(after, cloud_init)
                     self._set_digest(self._metadata(root), cloud_init.digest())
-                    if not any(_Disk(e).is_seed for e in root.findall("./devices/disk")):
+                    if not seeds:
                         devices.append(self._seed_element(self._seed_pool(after), name,
                                                           self._free_dev(root, "virtio")))
             elif field.startswith("disks[") and field.endswith("]"):
                 disk = DiskSpec(**value)
-                self._create_volume(name, disk)
+                created = self._create_volume(name, disk)[1]
                 element = self._disk_element(name, disk, self._free_dev(root, disk.bus or "virtio"))
                 devices.append(element)
-                _sub(self._metadata(root), _ns("disk"), name=disk.name, created="yes", source=disk.source)
+                _sub(self._metadata(root), _ns("disk"), name=disk.name, created="yes" if created else "no",
+                     source=disk.source)
                 if hot:
                     live.append((f"attach disk {disk.name!r}", dom.attachDeviceFlags, (_xml(element), live_flag)))
             elif field.startswith("disks[") and field.endswith("].size_gib"):
@@ -626,6 +668,9 @@ class LibvirtGuests:
             elif field.startswith("disks[") and field.endswith("].bus"):
                 disk_name = field[len("disks["):-len("].bus")]
                 target_el = disks[disk_name].element.find("target")
+                if not disks[disk_name].alias.startswith("ua-"):
+                    # The disk was named by its target, which is about to change: give it an alias to keep its name.
+                    _sub(disks[disk_name].element, "alias", name=f"ua-{disk_name}")
                 if target_el is not None:
                     target_el.set("bus", value)
                     target_el.set("dev", self._free_dev(root, value))
@@ -677,6 +722,8 @@ class LibvirtGuests:
         state = self._call("guest state", dom.state)[0]
         if state == libvirt.VIR_DOMAIN_PAUSED:
             self._call(f"resume guest {current.spec.name!r}", dom.resume)
+        elif state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+            self._call(f"wake guest {current.spec.name!r}", dom.pMWakeup, 0)
         elif state != libvirt.VIR_DOMAIN_RUNNING:
             self._call(f"start guest {current.spec.name!r}", dom.create)
 
@@ -720,6 +767,42 @@ class LibvirtGuests:
                 vol.delete(0)
             except libvirt.libvirtError:
                 continue  # already gone
+
+
+def _firmware_of(os_el: Optional[ET.Element]) -> str:
+    if os_el is None:
+        return "bios"
+    loader = os_el.find("loader")
+    if os_el.get("firmware") == "efi" or (loader is not None and loader.get("type") == "pflash"):
+        return "uefi"
+    return "bios"
+
+
+def _restart_view(root: ET.Element) -> Dict[str, Any]:
+    """The parts of a domain definition that only a (re)start brings to the guest, normalised, so that the
+    persistent and the live definition can be compared field by field."""
+    vcpu = root.find("vcpu")
+    os_el = root.find("os")
+    disks = []
+    for element in root.findall("./devices/disk"):
+        source, target = element.find("source"), element.find("target")
+        where = None
+        if source is not None:
+            where = f"{source.get('pool')}/{source.get('volume')}" if source.get("volume") else source.get("file")
+        disks.append((where or "", target.get("bus", "") if target is not None else ""))
+    nics = []
+    for iface in root.findall("./devices/interface"):
+        mac, model = iface.find("mac"), iface.find("model")
+        nics.append(((mac.get("address", "") if mac is not None else "").lower(),
+                     model.get("type", "") if model is not None else ""))
+    return {
+        "vcpus": (vcpu.get("current") or vcpu.text) if vcpu is not None else None,
+        "memory_mib": _mib_of(root.find("memory")),
+        "firmware": _firmware_of(os_el),
+        "boot": tuple(os_el.findtext(k) for k in ("kernel", "initrd", "cmdline")) if os_el is not None else None,
+        "disks": sorted(disks),
+        "nics": sorted(nics),
+    }
 
 
 def _mib_of(element: Optional[ET.Element]) -> Optional[int]:

@@ -331,7 +331,7 @@ def _new_keys() -> Iterator[int]:
 class VsphereBackend(GuestBackend):
     api = "vsphere"
     defaults = BackendDefaults(disk_format="thin", disk_bus="scsi", nic_model="vmxnet3", mac_prefix="00:50:56",
-                               stages_restart_changes=False)
+                               stages_restart_changes=False, hotplug_buses=("scsi", "sata", "nvme"))
 
     def __init__(self, endpoint: Endpoint, timeout: float = 10.0) -> None:
         super().__init__(endpoint, timeout)

@@ -275,3 +275,24 @@ def test_a_disk_kept_from_an_earlier_guest_is_reused_grown_never_shrunk() -> Non
     assert sized.after is not None and sized.after.disks is not None and sized.after.disks[0].size_gib == 3.0
     with pytest.raises(ConfigError, match=r"guest 'new01' disks\[0\].size_gib=2.0: a 3 GiB disk kept"):
         kept.plan(guest_spec_from_dict({"name": "new01", "disks": [{"name": "data", "size_gib": 2}]}), None)
+
+
+def test_a_change_staged_by_an_earlier_run_still_reports_a_restart_or_restarts() -> None:
+    staged = existing()
+    staged.pending_restart = ["memory_mib"]
+    waiting = planner().plan(spec(vcpus=2), staged)
+    assert waiting.changes == [] and waiting.restart_required
+    restarted = planner(allow_restart=True).plan(spec(vcpus=2), staged)
+    assert restarted.power == "restart" and not restarted.restart_required
+
+
+def test_a_paused_guest_is_still_active() -> None:
+    paused = existing(power="paused")
+    plan = planner().plan(spec(firmware="uefi", state="running"), paused)
+    assert plan.power == "start" and plan.restart_required, "a resume does not apply a restart-only change"
+
+
+def test_new_disks_on_buses_without_hotplug_wait_for_a_restart() -> None:
+    disks = [{"name": "root", "size_gib": 10}, {"name": "old", "size_gib": 1, "bus": "ide"}]
+    plan = planner().plan(spec(disks=disks), existing())
+    assert [(c.field, c.live) for c in plan.changes] == [("disks[old]", False)]
