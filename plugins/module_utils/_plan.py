@@ -170,12 +170,11 @@ class Planner:
     def _plan_create(self, desired: GuestSpec, plan: GuestPlan) -> GuestPlan:
         if self.capacity.create_error is not None:
             raise self.capacity.create_error
-        self._verify_host(desired)
         after = copy.deepcopy(desired)
         for key, value in NEW_GUEST_DEFAULTS.items():
             if getattr(after, key) is None:
                 setattr(after, key, value)
-        self._verify_host(after)
+        self._verify_host(after)  # the desired values plus the defaults a new guest gets
         after.disks = [self._verify_new_disk(desired.name, i, d) for i, d in enumerate(desired.disks or [])]
         own: Set[str] = set()
         nics = []

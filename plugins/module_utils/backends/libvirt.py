@@ -212,16 +212,19 @@ class LibvirtGuests:
             self._capacity.macs = macs
         return sorted(states, key=lambda s: s.spec.name)
 
-    def _volume_gib(self, pool: Optional[str], volume: Optional[str], path: Optional[str],
-                    cache: Dict[Tuple[str, str], Optional[float]]) -> Optional[float]:
-        key = (pool or "", volume or path or "")
+    def _disk_volume(self, disk: _Disk) -> Any:
+        """The storage volume behind a disk (by pool and volume name, else by path); raises libvirtError."""
+        conn = self.connect()
+        self.calls += 2
+        if disk.pool and disk.volume:
+            return conn.storagePoolLookupByName(disk.pool).storageVolLookupByName(disk.volume)
+        return conn.storageVolLookupByPath(disk.path)
+
+    def _volume_gib(self, disk: _Disk, cache: Dict[Tuple[str, str], Optional[float]]) -> Optional[float]:
+        key = (disk.pool or "", disk.volume or disk.path or "")
         if key not in cache:
-            conn = self.connect()
             try:
-                self.calls += 2
-                vol = (conn.storagePoolLookupByName(pool).storageVolLookupByName(volume) if pool and volume
-                       else conn.storageVolLookupByPath(path))
-                cache[key] = gib(vol.info()[1])
+                cache[key] = gib(self._disk_volume(disk).info()[1])
             except libvirt.libvirtError:
                 cache[key] = None
         return cache[key]
@@ -229,10 +232,8 @@ class LibvirtGuests:
     def _state(self, dom: Any, root: ET.Element, stats: Dict[str, Any], autostart: set,
                volumes: Dict[Tuple[str, str], Optional[float]]) -> GuestState:
         meta = root.find(f"./metadata/{_ns('guest')}")
-        tags, created, sources, digest = {}, [], {}, None
+        tags, created, sources, digest = _tags(meta), [], {}, None
         if meta is not None:
-            for tag in meta.findall(_ns("tag")):
-                tags[tag.get("name", "")] = tag.text or ""
             for record in meta.findall(_ns("disk")):
                 if record.get("created") == "yes":
                     created.append(record.get("name", ""))
@@ -253,17 +254,10 @@ class LibvirtGuests:
                 continue
             size = capacity.get(disk.dev)
             if size is None:
-                size = self._volume_gib(disk.pool, disk.volume, disk.path, volumes)
+                size = self._volume_gib(disk, volumes)
             disks.append(DiskSpec(name=disk.name, size_gib=size, pool=disk.pool, format=disk.format,
                                   source=sources.get(disk.name), bus=disk.bus))
-        nics = []
-        for iface in root.findall("./devices/interface"):
-            mac_el, src_el, model_el = iface.find("mac"), iface.find("source"), iface.find("model")
-            network = None
-            if src_el is not None:
-                network = src_el.get("network") or src_el.get("bridge") or src_el.get("dev")
-            nics.append(NicSpec(network=network or "", mac=mac_el.get("address", "").lower() if mac_el is not None
-                                else None, model=model_el.get("type") if model_el is not None else None))
+        nics = [NicSpec(network=network or "", mac=mac, model=model) for mac, network, model in _interfaces(root)]
         os_el = root.find("os")
         firmware = _firmware_of(os_el)
         boot = None
@@ -576,7 +570,7 @@ class LibvirtGuests:
         after = plan.after or current.spec
         live: List[Tuple[str, Any, Tuple[Any, ...]]] = []  # (what, function, args) run after the define
         live_flag = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        disks = {_Disk(e).name: _Disk(e) for e in root.findall("./devices/disk")}
+        disks = {d.name: d for d in map(_Disk, root.findall("./devices/disk"))}
         for change in plan.changes:
             field, value = change.field, change.after
             hot = running and change.live
@@ -634,7 +628,7 @@ class LibvirtGuests:
             elif field == "cloud_init":
                 cloud_init = after.cloud_init or plan.desired.cloud_init
                 if cloud_init is not None:
-                    seeds = [_Disk(e) for e in root.findall("./devices/disk") if _Disk(e).is_seed]
+                    seeds = [d for d in disks.values() if d.is_seed]
                     if seeds:
                         self._write_seed(after, cloud_init, seeds[0].pool, seeds[0].volume)
                     else:
@@ -660,10 +654,7 @@ class LibvirtGuests:
                     live.append((f"grow disk {disk_name!r}", dom.blockResize,
                                  (target.dev, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)))
                 else:
-                    conn = self.connect()
-                    vol = (self._call("volume", conn.storagePoolLookupByName(target.pool).storageVolLookupByName,
-                                      target.volume) if target.pool and target.volume
-                           else self._call("volume", conn.storageVolLookupByPath, target.path))
+                    vol = self._call(f"volume of disk {disk_name!r}", self._disk_volume, target)
                     self._call(f"grow disk {disk_name!r}", vol.resize, size, 0)
             elif field.startswith("disks[") and field.endswith("].bus"):
                 disk_name = field[len("disks["):-len("].bus")]
@@ -754,19 +745,35 @@ class LibvirtGuests:
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                  | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         self._call(f"undefine guest {name!r}", dom.undefineFlags, flags)
-        conn = self.connect()
         for element in root.findall("./devices/disk"):
             disk = _Disk(element)
             # The seed is generated from the guest's options, never user data: it goes with the guest.
             if not (disk.is_seed or (remove_storage and disk.name in current.created_disks)):
                 continue
             try:
-                self.calls += 2
-                vol = (conn.storagePoolLookupByName(disk.pool).storageVolLookupByName(disk.volume)
-                       if disk.pool and disk.volume else conn.storageVolLookupByPath(disk.path))
-                vol.delete(0)
+                self._disk_volume(disk).delete(0)
             except libvirt.libvirtError:
                 continue  # already gone
+
+
+def _interfaces(root: ET.Element) -> List[Tuple[Optional[str], Optional[str], Optional[str]]]:
+    """(MAC lowercased, network/bridge/device, model) of every <interface> of a domain definition."""
+    out = []
+    for iface in root.findall("./devices/interface"):
+        mac_el, src_el, model_el = iface.find("mac"), iface.find("source"), iface.find("model")
+        network = None
+        if src_el is not None:
+            network = src_el.get("network") or src_el.get("bridge") or src_el.get("dev")
+        out.append((mac_el.get("address", "").lower() if mac_el is not None else None, network,
+                    model_el.get("type") if model_el is not None else None))
+    return out
+
+
+def _tags(meta: Optional[ET.Element]) -> Dict[str, str]:
+    """The tag dict kept in our <metadata> element (named tags only)."""
+    if meta is None:
+        return {}
+    return {tag.get("name", ""): tag.text or "" for tag in meta.findall(_ns("tag")) if tag.get("name")}
 
 
 def _firmware_of(os_el: Optional[ET.Element]) -> str:
@@ -972,22 +979,11 @@ class LibvirtBackend(LibvirtGuests, GuestBackend):
             disks.append(GuestDisk(name=dev or "?", size_gib=gib(capacity.get(dev)) if dev else None, source=src,
                                    bus=target.get("bus") if target is not None else None))
         nics, addresses = [], []
-        for iface in root.findall("./devices/interface"):
-            mac_el, src_el, model_el = iface.find("mac"), iface.find("source"), iface.find("model")
-            mac = mac_el.get("address", "").lower() if mac_el is not None else None
-            network = None
-            if src_el is not None:
-                network = src_el.get("network") or src_el.get("bridge") or src_el.get("dev")
-            model = model_el.get("type") if model_el is not None else None
+        for mac, network, model in _interfaces(root):
             nics.append(GuestNic(mac=mac, network=network, model=model))
             if mac:
                 addresses.extend(leases.get(mac, []))
-        tags = {}
-        meta = root.find(f"./metadata/{{{METADATA_NS}}}guest")
-        if meta is not None:
-            for tag in meta.findall(f"{{{METADATA_NS}}}tag"):
-                if tag.get("name"):
-                    tags[tag.get("name", "")] = tag.text or ""
+        tags = _tags(root.find(f"./metadata/{{{METADATA_NS}}}guest"))
         os_el = root.find(f"./metadata/{{{LIBOSINFO_NS}}}libosinfo/{{{LIBOSINFO_NS}}}os")
         memory = root.find("memory")
         vcpu = root.find("vcpu")

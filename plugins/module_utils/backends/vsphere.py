@@ -464,18 +464,19 @@ class VsphereBackend(GuestBackend):
                 props = {p.name: p.val for p in obj.propSet}
                 kind = type(obj.obj).__name__
                 by_type.setdefault(kind, {})[obj.obj._moId] = props
-            guest_list = self._guests_fast(content, vm_props, by_type, guests)
+            networks = self._network_names(by_type)
+            guest_list = self._guests_fast(content, vm_props, networks, guests)
         except EndpointError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc) from None
-        hosts = self._hosts(identity, by_type)
+        hosts = self._hosts(identity, by_type, networks)
         count_guests(hosts, guest_list)
         return Discovery(identity=identity, hypervisors=sorted(hosts, key=lambda h: h.name),
                          guests=sorted((g for g in guest_list if not g.template), key=lambda g: g.name)
                          if guests else [], calls=self.calls)
 
-    def _guests_fast(self, content: Any, props: List[str], by_type: Dict[str, Dict[str, Dict[str, Any]]],
+    def _guests_fast(self, content: Any, props: List[str], networks: Dict[str, str],
                      details: bool) -> List[GuestFacts]:
         """Every VM in one paged RetrievePropertiesEx whose answer is parsed by _vsphere_raw (ElementTree)
         instead of pyVmomi's deserialiser: the bulk of a large vCenter's discovery time (see that module)."""
@@ -486,9 +487,6 @@ class VsphereBackend(GuestBackend):
         filter_spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[traverse])],
                                     propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=props, all=False)],
                                     reportMissingObjectsInResults=False)
-        networks: Dict[str, str] = {}
-        for kind in ("vim.Network", "vim.dvs.DistributedVirtualPortgroup", "vim.OpaqueNetwork"):
-            networks.update({m: p.get("name", m) for m, p in by_type.get(kind, {}).items()})
         guests = []
         rows = _vsphere_raw.retrieve(content.propertyCollector, filter_spec, pc.RetrieveOptions(maxObjects=PAGE_SIZE),
                                      on_call=self._count_call)
@@ -541,13 +539,18 @@ class VsphereBackend(GuestBackend):
                 out[moid] = (kind, props.get("name", ""), parent._moId if parent is not None else None)
         return out
 
-    def _hosts(self, identity: Identity, by_type: Dict[str, Dict[str, Dict[str, Any]]]) -> List[HypervisorFacts]:
+    @staticmethod
+    def _network_names(by_type: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, str]:
+        """moref id -> name of every standard, distributed and opaque network, for hosts and VM NICs alike."""
+        networks: Dict[str, str] = {}
+        for kind in ("vim.Network", "vim.dvs.DistributedVirtualPortgroup", "vim.OpaqueNetwork"):
+            networks.update({moid: props.get("name", moid) for moid, props in by_type.get(kind, {}).items()})
+        return networks
+
+    def _hosts(self, identity: Identity, by_type: Dict[str, Dict[str, Dict[str, Any]]],
+               networks: Dict[str, str]) -> List[HypervisorFacts]:
         parents = self._parents(by_type)
         datastores = by_type.get("vim.Datastore", {})
-        networks = {}
-        for kind, objs in by_type.items():
-            if kind in ("vim.Network", "vim.dvs.DistributedVirtualPortgroup", "vim.OpaqueNetwork"):
-                networks.update({moid: props.get("name", moid) for moid, props in objs.items()})
         managed = identity.type == "vcenter"
         hosts = []
         for moid, props in by_type.get("vim.HostSystem", {}).items():
