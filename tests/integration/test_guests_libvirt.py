@@ -355,3 +355,23 @@ def test_nic_model_and_disk_bus_wait_for_a_restart_autostart_does_not(
     assert running.find("./devices/interface/model").get("type") == "virtio", "a restart-only change went live"
     assert persistent.find("./devices/disk/alias[@name='ua-root']/../target").get("bus") == "sata"
     assert run_module("guest", changed)["changed"] is False
+
+
+def test_a_volume_another_guest_uses_is_never_adopted(
+        lab: dict[str, Any], libvirt_conn: Any, run_module: Run, names: list[str]) -> None:
+    name, holder = unique("adopt"), unique("holder")
+    names.extend([name, holder])
+    pool = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"])
+    volume = f"{name}+root.qcow2"
+    pool.createXML(f"<volume><name>{volume}</name><capacity unit='MiB'>8</capacity>"
+                   "<target><format type='qcow2'/></target></volume>", 0)
+    libvirt_conn.defineXML(
+        f"<domain type='qemu'><name>{holder}</name><memory unit='MiB'>32</memory>"
+        "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source pool='{pool.name()}' volume='{volume}'/>"
+        "<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    refused = run_module("guest", {**base_args(lab), **spec(name, lab)})
+    assert refused["_status"] == "FAILED!" and f"in use by guest '{holder}'" in refused["msg"], refused
+    assert "\n" not in refused["msg"] and not exists(libvirt_conn, name)
+    assert volumes(libvirt_conn, lab, name) == {volume}
+    assert pool.storageVolLookupByName(volume).info()[1] == 8 * 1024 * 1024, "the other guest's disk was touched"
