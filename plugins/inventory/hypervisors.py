@@ -123,7 +123,7 @@ from ansible.release import __version__ as ansible_version
 from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var as _wrap_var
 
-from ansible_collections.virtfleet.core.plugins.module_utils._discovery import dedupe, discover_all, probe
+from ansible_collections.virtfleet.core.plugins.module_utils._discovery import dedupe, discover_all, paused_gc, probe
 from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
     Credentials,
     Endpoint,
@@ -247,11 +247,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 self._progress("cache hit; nothing contacted")
             except KeyError:
                 results = None
-        if results is None:
-            results = self._fetch(endpoints, probes, rules, default)
-            if use_cache:
-                self._cache[cache_key] = results
-        self._populate(results)
+        with paused_gc():
+            if results is None:
+                results = self._fetch(endpoints, probes, rules, default)
+                if use_cache:
+                    self._cache[cache_key] = results
+            self._populate(results)
 
     def _fetch(self, endpoints: List[Endpoint], probes: List[Tuple[List[str], List[int]]], rules: Any,
                default: Credentials) -> List[Dict[str, Any]]:

@@ -87,7 +87,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     connection_argument_spec,
     endpoint_from_params,
 )
-from ansible_collections.virtfleet.core.plugins.module_utils._discovery import discover_endpoint
+from ansible_collections.virtfleet.core.plugins.module_utils._discovery import discover_endpoint, paused_gc
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError
 
 
@@ -99,7 +99,8 @@ def main() -> None:
         endpoint = endpoint_from_params(module.params)
     except VirtfleetError as exc:
         module.fail_json(msg=str(exc))
-    result = discover_endpoint(endpoint, module.params["guests"], module.params["timeout"])
+    with paused_gc():
+        result = discover_endpoint(endpoint, module.params["guests"], module.params["timeout"])
     if result["error"]:
         module.fail_json(msg=f"{endpoint.label}: {result['error']}", endpoint=result["endpoint"])
     module.exit_json(changed=False, identity=result["identity"], hypervisors=result["hypervisors"],

@@ -92,3 +92,23 @@ def test_tls_contexts_are_shared_and_verify_unless_told_not_to() -> None:
     insecure = backend_mod.VsphereBackend(lab, 5)._ssl_context()
     assert insecure.verify_mode == ssl.CERT_NONE
     assert backend_mod.VsphereBackend(parse_endpoint("vsphere://esx03"), 5)._ssl_context() is secure
+
+
+@pytest.mark.parametrize(("count", "parts"), [(0, 0), (1, 1), (249, 1), (500, 2), (999, 3), (1680, 4), (10000, 4)])
+def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
+        count: int, parts: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def chunk(self: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any, details: bool) -> Any:
+        seen.append(vm_ids)
+        return [SimpleNamespace(moid=m) for m in vm_ids]
+
+    monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
+    backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
+    ids = [f"vm-{i}" for i in range(count)]
+    guests = backend._guests_fast(None, ids, ["name"], {}, True)
+    assert len(seen) == parts
+    assert sorted(g.moid for g in guests) == sorted(ids)
+    assert sorted(m for part in seen for m in part) == sorted(ids)
+    if parts > 1:
+        assert max(map(len, seen)) - min(map(len, seen)) <= 1
