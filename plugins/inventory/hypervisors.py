@@ -114,6 +114,7 @@ cache_connection: ~/.cache/virtfleet
 """
 
 import os
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ansible.errors import AnsibleParserError
@@ -268,7 +269,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             unknown.extend(misses)
         targets = self._attach(dedupe(endpoints + found), rules, default)
         self._progress(f"discovering {len(targets)} endpoint(s), {workers} at a time")
+        start = time.monotonic()
         results = discover_all(targets, bool(self.get_option("guests")), timeout, workers, self._progress)
+        self._progress(f"discovery done in {time.monotonic() - start:.2f}s: {len(results)} endpoint(s), "
+                       f"{sum(r['calls'] for r in results)} calls in all")
         for miss in unknown:
             self._progress(f"{miss['address']}:{miss['port']}: {miss['error']}")
         return results

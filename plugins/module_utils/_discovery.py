@@ -70,8 +70,12 @@ def discover_endpoint(endpoint: Endpoint, guests: bool, timeout: float,
     result["calls"] = backend.calls
     result["seconds"] = round(time.monotonic() - start, 3)
     # A JSON round trip turns library types (pyVmomi's short/long, enum strings) into plain Python values,
-    # which is what the inventory, its cache and module results can hold.
+    # which is what the inventory, its cache and module results can hold. Guest facts are plain already
+    # (GuestFacts.to_dict of values the backends parse themselves) and are most of the data: they skip it.
+    guest_dicts = result.pop("guests", None)
     plain: Dict[str, Any] = json.loads(json.dumps(result, default=str))
+    if guest_dicts is not None:
+        plain["guests"] = guest_dicts
     return plain
 
 

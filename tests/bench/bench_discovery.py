@@ -12,10 +12,10 @@ The table is printed and written to docs/benchmarks.md. Not a test: nothing here
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +33,11 @@ BENCH_VENV = REPO / ".build" / "bench-venv"
 THEIRS = BENCH_VENV / "bin"
 VCENTER = lab.VcsimEndpoint("bench-vcenter", "127.0.20.10", "vpx",
                             ("-hosts", "40", "-clusters", "2", "-cluster-hosts", "10", "-vms", "40", "-delay", "2"))
+# The same vCenter with a quarter of the VMs (40 standalone hosts x 10 VMs + 2 clusters x 10 VMs): how cost
+# grows with the number of VMs.
+VCENTER_QUARTER = lab.VcsimEndpoint("bench-vcenter-q", "127.0.20.11", "vpx",
+                                    ("-hosts", "40", "-clusters", "2", "-cluster-hosts", "10", "-vms", "10",
+                                     "-delay", "2"))
 ESXI = [lab.VcsimEndpoint(f"bench-esx{i:02d}", f"127.0.21.{i}", "esx", ("-vms", "2")) for i in range(1, 65)]
 DOMAINS = 500
 
@@ -56,8 +61,16 @@ def env_for(ours: bool, password: str) -> dict[str, str]:
     return env
 
 
-def run_inventory(ours: bool, sources: list[Path], password: str) -> tuple[float, int | None, int, str]:
-    """Wall seconds, remote calls (ours only), hosts listed, error (empty when it worked)."""
+@dataclasses.dataclass
+class Run:
+    seconds: float  # wall time of ansible-inventory --list, end to end
+    calls: int | None = None  # remote calls (ours only, from -v)
+    hosts: int = 0
+    error: str = ""
+    discovery: float | None = None  # of which contacting the endpoints (ours only, from -v)
+
+
+def run_inventory(ours: bool, sources: list[Path], password: str) -> Run:
     exe = (OURS if ours else THEIRS) / "ansible-inventory"
     args = [str(exe)]
     for source in sources:
@@ -69,15 +82,19 @@ def run_inventory(ours: bool, sources: list[Path], password: str) -> tuple[float
             proc = subprocess.run(args, capture_output=True, text=True, env=env_for(ours, password), timeout=420,
                                   check=False)
         except subprocess.TimeoutExpired:
-            return time.monotonic() - start, None, 0, "gave up after 420 s"
+            return Run(time.monotonic() - start, error="gave up after 420 s")
         seconds = time.monotonic() - start
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if "Failed to parse" in ln or "ERROR" in ln]
-            return seconds, None, 0, (lines or ["failed"])[0][:200]
+            return Run(seconds, error=(lines or ["failed"])[0][:200])
         data = json.loads(Path(out.name).read_text() or "{}")
-    hosts = len(data.get("_meta", {}).get("hostvars", {}))
-    calls = sum(int(n) for n in re.findall(r"\((\d+) calls\)", proc.stdout + proc.stderr)) if ours else None
-    return seconds, calls, hosts, ""
+    run = Run(seconds, hosts=len(data.get("_meta", {}).get("hostvars", {})))
+    if ours:
+        output = proc.stdout + proc.stderr
+        run.calls = sum(int(n) for n in re.findall(r"\((\d+) calls\)", output))
+        found = re.findall(r"discovery done in ([\d.]+)s", output)
+        run.discovery = sum(float(f) for f in found) if found else None
+    return run
 
 
 def write(path: Path, text: str) -> Path:
@@ -115,7 +132,7 @@ def main() -> int:
     state = lab.up()
     password = state["password"]
     ensure_bench_venv()
-    rows: list[tuple[str, str, float, int | None, int, str]] = []
+    rows: list[tuple[str, str, Run]] = []
     work = Path(tempfile.mkdtemp(prefix="vf-bench-"))
 
     def measure(scenario: str, tool: str, sources: list[Path], ours: bool) -> None:
@@ -123,13 +140,22 @@ def main() -> int:
         one run of the slow incumbents."""
         print(f"bench: {scenario}: {tool} ...", flush=True)
         runs = [run_inventory(ours, sources, password)]
-        while len(runs) < 3 and runs[0][0] < 15 and not runs[0][3]:
+        while len(runs) < 3 and runs[0].seconds < 15 and not runs[0].error:
             runs.append(run_inventory(ours, sources, password))
-        seconds = statistics.median(r[0] for r in runs)
-        calls, hosts, error = runs[0][1:]
-        rows.append((scenario, tool, seconds, calls, hosts, error))
-        print(f"bench: {scenario}: {tool}: {seconds:.2f}s (runs: {', '.join(f'{r[0]:.2f}' for r in runs)}), "
-              f"{hosts} hosts {error}", flush=True)
+        median = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+        rows.append((scenario, tool, median))
+        each = ", ".join(f"{r.seconds:.2f}" for r in runs)
+        print(f"bench: {scenario}: {tool}: {median.seconds:.2f}s (runs: {each}), {median.hosts} hosts {median.error}",
+              flush=True)
+
+    # --- the same vCenter with 420 VMs: how cost grows with VMs
+    try:
+        start_and_wait([VCENTER_QUARTER], password)
+        sources = vsphere_sources(work, "vcenter-q", VCENTER_QUARTER, password)
+        for tool in ("virtfleet.core.hypervisors", "community.vmware.vmware_vm_inventory"):
+            measure("vcenter-420 (2 ms/call)", tool, sources[tool], tool.startswith("virtfleet"))
+    finally:
+        stop([VCENTER_QUARTER])
 
     # --- vCenter, 1,680 VMs, 2 ms per call
     try:
@@ -194,30 +220,44 @@ def main() -> int:
     return 0
 
 
-def report(rows: list[tuple[str, str, float, int | None, int, str]]) -> None:
-    ours = {s: t for s, tool, t, _c, _h, e in rows if tool == "virtfleet.core.hypervisors" and not e}
-    lines = ["| scenario | tool | seconds | remote calls | hosts listed | vs virtfleet |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
-    for scenario, tool, seconds, calls, hosts, error in rows:
+def report(rows: list[tuple[str, str, Run]]) -> None:
+    ours = {s: r for s, tool, r in rows if tool == "virtfleet.core.hypervisors" and not r.error}
+    lines = ["| scenario | tool | seconds | of which discovery | remote calls | hosts listed | vs virtfleet |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for scenario, tool, run in rows:
         base = ours.get(scenario)
         if tool == "virtfleet.core.hypervisors":
             ratio = "1.0x"
         elif tool.startswith("virtfleet"):
-            ratio = f"{seconds / base:.2f} of it" if base else "n/a"
-        elif error or not base:
+            ratio = f"{run.seconds / base.seconds:.2f} of it" if base else "n/a"
+        elif run.error or not base:
             ratio = "n/a"
         else:
-            ratio = f"{seconds / base:.1f}x the time"
-        shown = f"failed: {error}" if error else f"{seconds:.2f}"
-        lines.append(f"| {scenario} | {tool} | {shown} | {calls if calls is not None else 'n/a'} | {hosts} | {ratio} |")
+            ratio = f"{run.seconds / base.seconds:.1f}x the time"
+        shown = f"failed: {run.error}" if run.error else f"{run.seconds:.2f}"
+        discovery = f"{run.discovery:.2f}" if run.discovery is not None else "n/a"
+        calls = run.calls if run.calls is not None else "n/a"
+        lines.append(f"| {scenario} | {tool} | {shown} | {discovery} | {calls} | {run.hosts} | {ratio} |")
+    lines.append("")
     if "esxi-1" in ours and "esxi-64" in ours:
-        lines.append("")
-        lines.append(f"64 ESXi servers took {ours['esxi-64'] / ours['esxi-1']:.1f}x the time of one.")
+        lines.append(f"64 ESXi servers took {ours['esxi-64'].seconds / ours['esxi-1'].seconds:.1f}x the time of one.")
+    small, large = ours.get("vcenter-420 (2 ms/call)"), ours.get("vcenter-1680 (2 ms/call)")
+    theirs = {s: r for s, tool, r in rows if tool == "community.vmware.vmware_vm_inventory" and not r.error}
+    if small and large:
+        text = (f"4x the VMs (420 -> 1,680 on the same 60 hosts) took {large.seconds / small.seconds:.1f}x the time "
+                "end to end")
+        if small.discovery and large.discovery:
+            text += f", {large.discovery / small.discovery:.1f}x in discovery"
+        t_small, t_large = theirs.get("vcenter-420 (2 ms/call)"), theirs.get("vcenter-1680 (2 ms/call)")
+        if t_small and t_large:
+            text += f"; community.vmware {t_large.seconds / t_small.seconds:.1f}x"
+        lines.append(text + ".")
     table = "\n".join(lines)
     print(table)
     write_section("<!-- bench-discovery -->",
                   f"## Discovery (`make bench-discovery`)\n\n{machine()}, all tools in one run on the same "
-                  "simulators. Wall time of `ansible-inventory --list`, end to end; remote calls are this "
+                  "simulators. Wall time of `ansible-inventory --list`, end to end; of that, the time this "
+                  "collection spent contacting the endpoints (its `-v` output); remote calls are this "
                   "collection's own count of SOAP/RPC round trips. Seconds are the median of three runs for anything "
                   "under 15 s (single runs on this machine vary by ~20%), one run otherwise. The cache-hit row "
                   "serves the same inventory from the plugin's cache without contacting anything: the part of "

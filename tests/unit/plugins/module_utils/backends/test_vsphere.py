@@ -106,7 +106,7 @@ def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
     monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
     ids = [f"vm-{i}" for i in range(count)]
-    guests = backend._guests_fast(None, ids, ["name"], {}, True)
+    guests = backend._read_guests(None, ids, ["name"], {}, True)
     assert len(seen) == parts
     assert sorted(g.moid for g in guests) == sorted(ids)
     assert sorted(m for part in seen for m in part) == sorted(ids)

@@ -1,5 +1,5 @@
-"""vSphere discovery against the lab's vcsim vCenter: the VM read split into concurrent parts returns exactly
-what one request returns, and what pyVmomi itself lists."""
+"""Discovery against the lab: the vSphere VM read split into concurrent parts returns exactly what one request
+returns, and what pyVmomi itself lists; results (guest facts skip the JSON round trip) are plain data."""
 
 from __future__ import annotations
 
@@ -50,3 +50,32 @@ def test_vm_read_in_parts_equals_one_request_and_pyvmomi(lab: dict[str, Any], mo
         listed = sorted((vm.name, vm.config.uuid, vm.config.hardware.numCPU, vm.config.hardware.memoryMB)
                         for vm in view.view if not vm.config.template)
     assert sorted((g["name"], g["uuid"], g["vcpus"], g["memory_mib"]) for g in one) == listed
+
+
+PLAIN = (str, int, float, bool, type(None), list, dict)
+
+
+def _plain(value: Any, where: str) -> None:
+    """Only exact JSON types: guest facts skip the JSON round trip, so a library type must never leak in."""
+    assert type(value) in PLAIN, f"{where}: {type(value).__name__}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert type(key) in PLAIN and isinstance(key, str), f"{where}: key {key!r}"
+            _plain(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(item, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("where", ["vcenter", "esx01", "libvirt"])
+def test_discovery_results_are_plain_data(lab: dict[str, Any], where: str) -> None:
+    from ansible_collections.virtfleet.core.plugins.module_utils._discovery import discover_endpoint
+
+    if where == "libvirt":
+        endpoint = parse_endpoint(lab["libvirt"]["uri"])
+    else:
+        endpoint = with_credentials(parse_endpoint(f"vsphere://{lab['vcsim'][where]['address']}"),
+                                    Credentials(lab["username"], lab["password"], False))
+    result = discover_endpoint(endpoint, True, 10)
+    assert result["error"] is None and result["guests"]
+    _plain(result, where)
