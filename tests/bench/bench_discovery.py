@@ -128,7 +128,18 @@ def stop(eps: list[lab.VcsimEndpoint]) -> None:
         lab.stop_pid(f"vcsim-{ep.name}")
 
 
+def calibrate() -> float:
+    """Seconds of a fixed CPU-bound loop (median of 3): how fast this machine was at that moment."""
+    times = []
+    for _ in range(3):
+        start = time.monotonic()
+        sum(range(20_000_000))
+        times.append(time.monotonic() - start)
+    return sorted(times)[1]
+
+
 def main() -> int:
+    before = calibrate()
     state = lab.up()
     password = state["password"]
     ensure_bench_venv()
@@ -136,11 +147,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vf-bench-"))
 
     def measure(scenario: str, tool: str, sources: list[Path], ours: bool) -> None:
-        """Median of three runs for whatever takes under 15 s (one run of this machine varies by ~20%);
+        """Median of five runs for whatever takes under 15 s (one run of this machine varies by ~20%);
         one run of the slow incumbents."""
         print(f"bench: {scenario}: {tool} ...", flush=True)
         runs = [run_inventory(ours, sources, password)]
-        while len(runs) < 3 and runs[0].seconds < 15 and not runs[0].error:
+        while len(runs) < 5 and runs[0].seconds < 15 and not runs[0].error:
             runs.append(run_inventory(ours, sources, password))
         median = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
         rows.append((scenario, tool, median))
@@ -216,11 +227,11 @@ def main() -> int:
                 pass
         conn.close()
 
-    report(rows)
+    report(rows, (before, calibrate()))
     return 0
 
 
-def report(rows: list[tuple[str, str, Run]]) -> None:
+def report(rows: list[tuple[str, str, Run]], calibration: tuple[float, float]) -> None:
     ours = {s: r for s, tool, r in rows if tool == "virtfleet.core.hypervisors" and not r.error}
     lines = ["| scenario | tool | seconds | of which discovery | remote calls | hosts listed | vs virtfleet |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -252,13 +263,15 @@ def report(rows: list[tuple[str, str, Run]]) -> None:
         if t_small and t_large:
             text += f"; community.vmware {t_large.seconds / t_small.seconds:.1f}x"
         lines.append(text + ".")
+    lines.append(f"A fixed CPU loop took {calibration[0]:.2f} s before the run and {calibration[1]:.2f} s after it "
+                 "(this machine's speed drifts; compare rows of one run, not across runs).")
     table = "\n".join(lines)
     print(table)
     write_section("<!-- bench-discovery -->",
                   f"## Discovery (`make bench-discovery`)\n\n{machine()}, all tools in one run on the same "
                   "simulators. Wall time of `ansible-inventory --list`, end to end; of that, the time this "
                   "collection spent contacting the endpoints (its `-v` output); remote calls are this "
-                  "collection's own count of SOAP/RPC round trips. Seconds are the median of three runs for anything "
+                  "collection's own count of SOAP/RPC round trips. Seconds are the median of five runs for anything "
                   "under 15 s (single runs on this machine vary by ~20%), one run otherwise. The cache-hit row "
                   "serves the same inventory from the plugin's cache without contacting anything: the part of "
                   "the first row that is Ansible building and printing 1,741 hosts.\n\n" + table)

@@ -79,3 +79,18 @@ def test_discovery_results_are_plain_data(lab: dict[str, Any], where: str) -> No
     result = discover_endpoint(endpoint, True, 10)
     assert result["error"] is None and result["guests"]
     _plain(result, where)
+
+
+def test_a_vm_gone_between_listing_and_reading_is_skipped(lab: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    expected, _calls = discover(lab)
+    listed = VsphereBackend._inventory
+
+    def with_a_ghost(self: VsphereBackend, content: Any, vm_view: Any) -> Any:
+        by_type, vm_ids = listed(self, content, vm_view)
+        return by_type, [*vm_ids[:1], "vm-99999", *vm_ids[1:]]  # removed after the view was read
+
+    monkeypatch.setattr(VsphereBackend, "_inventory", with_a_ghost)
+    monkeypatch.setattr(vsphere, "VM_CHUNK_MIN", 1)
+    guests, _calls = discover(lab)
+    assert guests == expected
