@@ -131,7 +131,7 @@ def stop(eps: list[lab.VcsimEndpoint]) -> None:
 def calibrate() -> float:
     """Seconds of a fixed CPU-bound loop (median of 3): how fast this machine was at that moment."""
     times = []
-    for _ in range(3):
+    for _run in range(3):
         start = time.monotonic()
         sum(range(20_000_000))
         times.append(time.monotonic() - start)
