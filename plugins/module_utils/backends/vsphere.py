@@ -339,6 +339,7 @@ class VsphereBackend(GuestBackend):
 
     def __init__(self, endpoint: Endpoint, timeout: float = 10.0) -> None:
         super().__init__(endpoint, timeout)
+        self._stub: Any = None
         self._content: Any = None
         self._logged_in = False
         # Guest convergence: the bulk read (dropped by every mutator), resolved placements (the inventory
@@ -378,9 +379,9 @@ class VsphereBackend(GuestBackend):
         if not HAS_PYVMOMI:
             raise MissingLibraryError("pyvmomi", "vSphere endpoints")
         try:
-            stub = SoapStubAdapter(host=self.endpoint.host, port=self.endpoint.port or 443,
-                                   sslContext=self._ssl_context(), httpConnectionTimeout=self.timeout)
-            self._content = vim.ServiceInstance("ServiceInstance", stub).RetrieveContent()
+            self._stub = SoapStubAdapter(host=self.endpoint.host, port=self.endpoint.port or 443,
+                                         sslContext=self._ssl_context(), httpConnectionTimeout=self.timeout)
+            self._content = vim.ServiceInstance("ServiceInstance", self._stub).RetrieveContent()
         except Exception as exc:  # noqa: BLE001 - network, TLS and SOAP errors all become one line
             raise self._fail(exc) from None
         self.calls += 1
@@ -411,6 +412,11 @@ class VsphereBackend(GuestBackend):
                 pass
         self._logged_in = False
         self._content = None
+        # pyVmomi's objects hold their stub in reference cycles, so its pooled connections would otherwise stay
+        # open until the cycle collector runs (and discovery pauses it): close them now.
+        if self._stub is not None:
+            self._stub.DropConnections()
+            self._stub = None
 
     # ------------------------------------------------------------------ identity
     def identify(self) -> Identity:
@@ -517,7 +523,7 @@ class VsphereBackend(GuestBackend):
                      details: bool) -> List[GuestFacts]:
         pc = vmodl.query.PropertyCollector
         stub = content.propertyCollector._stub
-        # A VM removed since the view was read is reported as missing (and skipped), not raised as a fault.
+        # A VM removed since the view was read is left out of the answer, not raised as a fault.
         filter_spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=vim.VirtualMachine(moid, stub), skip=False)
                                                for moid in vm_ids],
                                     propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=props, all=False)],

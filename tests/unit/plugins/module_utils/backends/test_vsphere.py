@@ -112,3 +112,15 @@ def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
     assert sorted(m for part in seen for m in part) == sorted(ids)
     if parts > 1:
         assert max(map(len, seen)) - min(map(len, seen)) <= 1
+
+
+def test_a_failing_part_fails_the_whole_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def chunk(self: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any, details: bool) -> Any:
+        if "vm-1" in vm_ids:
+            raise OSError("connection reset")
+        return [SimpleNamespace(moid=m) for m in vm_ids]
+
+    monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
+    backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
+    with pytest.raises(OSError, match="connection reset"):
+        backend._read_guests(None, [f"vm-{i}" for i in range(1000)], ["name"], {}, True)
