@@ -2,8 +2,10 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """vSphere backend (ESXi or vCenter) over pyVmomi, in bulk.
 
-One ContainerView per object type and one paged RetrievePropertiesEx of just the needed properties;
-folder, datacenter and cluster names come from one parent map. No lazy per-object property reads.
+Discovery: one ContainerView over the inventory types and one over VMs, one RetrievePropertiesEx for the
+former and the VM list, then the VMs' needed properties by paged RetrievePropertiesEx (in concurrent parts
+on a large endpoint); folder, datacenter and cluster names come from one parent map. No lazy per-object
+property reads.
 The views belong to the session and go with the logout, so they are not destroyed one by one.
 
 Guest convergence reads everything it needs (hosts, datastores, networks, the inventory tree and every
@@ -511,9 +513,11 @@ class VsphereBackend(GuestBackend):
         this side waits while the endpoint works and the endpoint waits while this side parses; with parts,
         parsing one overlaps the endpoint writing the others (1,680 VMs on vcsim: 1.02 s -> 0.80 s, median of 6).
         """
-        parts = max(1, min(VM_CHUNKS, len(vm_ids) // VM_CHUNK_MIN)) if vm_ids else 0
-        if parts <= 1:
-            return self._guest_chunk(content, vm_ids, props, networks, details) if vm_ids else []
+        if not vm_ids:
+            return []
+        parts = max(1, min(VM_CHUNKS, len(vm_ids) // VM_CHUNK_MIN))
+        if parts == 1:
+            return self._guest_chunk(content, vm_ids, props, networks, details)
         with concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="virtfleet-vms") as pool:
             futures = [pool.submit(self._guest_chunk, content, vm_ids[i::parts], props, networks, details)
                        for i in range(parts)]
@@ -522,9 +526,8 @@ class VsphereBackend(GuestBackend):
     def _guest_chunk(self, content: Any, vm_ids: List[str], props: List[str], networks: Dict[str, str],
                      details: bool) -> List[GuestFacts]:
         pc = vmodl.query.PropertyCollector
-        stub = content.propertyCollector._stub
         # A VM removed since the view was read is left out of the answer, not raised as a fault.
-        filter_spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=vim.VirtualMachine(moid, stub), skip=False)
+        filter_spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=vim.VirtualMachine(moid, self._stub), skip=False)
                                                for moid in vm_ids],
                                     propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=props, all=False)],
                                     reportMissingObjectsInResults=True)
