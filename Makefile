@@ -3,7 +3,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# The venv's interpreter: Python 3.13 or 3.12 where the machine has one (tests/lab/python.sh says why), else python3.
+PYTHON ?= $(shell bash tests/lab/python.sh)
 VENV := .venv
 BIN := $(VENV)/bin
 LAB := $(BIN)/python tests/lab/lab.py
@@ -24,8 +25,11 @@ help:
 	@bash tests/lab/install-deps.sh
 	@mkdir -p .lab && touch $@
 
-$(VENV)/.done: requirements.txt requirements-dev.txt .lab/.apt-done
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(VENV)/.done: requirements.txt requirements-dev.txt tests/lab/python.sh .lab/.apt-done
+	@# A venv made with another Python (an older checkout's) is made again.
+	@want=$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])'); \
+	 have=$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])' 2>/dev/null || true); \
+	 if [ "$$want" != "$$have" ]; then rm -rf $(VENV) && echo "venv: $(PYTHON)" && $(PYTHON) -m venv $(VENV); fi
 	@$(BIN)/pip install -q --upgrade pip
 	@$(BIN)/pip install -q -r requirements-dev.txt
 	@touch $@

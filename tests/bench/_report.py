@@ -10,10 +10,11 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 
-def machine() -> str:
-    """'Measured <date> on <n> cores (<kernel>)', the line every section starts with."""
+def machine(platform: str = "") -> str:
+    """'Measured <date> on <n> cores (<kernel>)[, <platform>]', the line every section starts with."""
     uname = os.uname()
-    return f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({uname.sysname} {uname.release})"
+    line = f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({uname.sysname} {uname.release})"
+    return f"{line}, {platform}" if platform else line
 
 
 def write_section(marker: str, body: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import libvirt
 from _report import machine, write_section
-from bench_discovery import OURS, REPO, THEIRS, ensure_bench_venv, env_for, lab
+from bench_discovery import OURS, REPO, THEIRS, ensure_bench_venv, env_for, lab, platforms
 from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
@@ -432,7 +432,7 @@ def report(rows: list[Row]) -> None:
     print(target)
     write_section(MARKER, (
         "## Converging guests (`make bench-converge`)\n\n"
-        f"{machine()}, "
+        f"{machine(platforms())}, "
         "libvirt with `domain_type: qemu` (TCG; KVM is not usable on this machine), vCenter = the lab's vcsim, "
         "every tool in one run on the same simulators, each from the same empty state. Each cell is one whole "
         "`ansible-playbook` run (wall clock, end to end): seconds, guests that reported a change, and the PLAY "

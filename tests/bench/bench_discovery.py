@@ -42,11 +42,27 @@ ESXI = [lab.VcsimEndpoint(f"bench-esx{i:02d}", f"127.0.21.{i}", "esx", ("-vms", 
 DOMAINS = 500
 
 
+def python_of(bin_dir: Path) -> str:
+    """'Python X.Y, ansible-core A.B.C' of a venv, or '' when it has none."""
+    probe = subprocess.run([str(bin_dir / "python"), "-c",
+                            "import sys; from ansible.release import __version__ as v; "
+                            "print('Python %d.%d, ansible-core %s' % (sys.version_info[:2] + (v,)))"],
+                           capture_output=True, text=True, check=False)
+    return probe.stdout.strip() if probe.returncode == 0 else ""
+
+
+def platforms() -> str:
+    """Both venvs' Python and ansible-core, for the line above a table."""
+    return f"this collection on {python_of(OURS)}, the incumbents on {python_of(THEIRS)}"
+
+
 def ensure_bench_venv() -> None:
-    if (THEIRS / "ansible-inventory").exists():
+    """The incumbents' venv, on the same Python as ours (made again when ours moved to another Python)."""
+    python = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
+    if (THEIRS / "ansible-inventory").exists() and python_of(THEIRS).startswith(python + ","):
         return
     print("bench: installing the incumbents (the `ansible` package from PyPI) into .build/bench-venv", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(BENCH_VENV)], check=True)
     subprocess.run([str(THEIRS / "pip"), "install", "-q", "ansible", "pyvmomi", "libvirt-python", "requests"],
                    check=True)
 
@@ -268,7 +284,7 @@ def report(rows: list[tuple[str, str, Run]], calibration: tuple[float, float]) -
     table = "\n".join(lines)
     print(table)
     write_section("<!-- bench-discovery -->",
-                  f"## Discovery (`make bench-discovery`)\n\n{machine()}, all tools in one run on the same "
+                  f"## Discovery (`make bench-discovery`)\n\n{machine(platforms())}, all tools in one run on the same "
                   "simulators. Wall time of `ansible-inventory --list`, end to end; of that, the time this "
                   "collection spent contacting the endpoints (its `-v` output); remote calls are this "
                   "collection's own count of SOAP/RPC round trips. Seconds are the median of five runs for anything "

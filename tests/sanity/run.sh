@@ -14,4 +14,5 @@ cache="$HOME/.ansible/test/cache"
 mkdir -p "$cache"
 install -m 0644 "$repo/tests/sanity/get_pip_shim.py" "$cache/get_pip_${pip_version//./_}.py"
 cd "$repo/.build/ansible_collections/virtfleet/core"
-exec "$venv/bin/ansible-test" sanity --venv --python 3.11 --color no "$@"
+pyver=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+exec "$venv/bin/ansible-test" sanity --venv --python "$pyver" --color no "$@"
