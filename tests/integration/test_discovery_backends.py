@@ -53,6 +53,47 @@ def test_vm_read_in_parts_equals_one_request_and_pyvmomi(lab: dict[str, Any], mo
     assert sorted((g["name"], g["uuid"], g["vcpus"], g["memory_mib"]) for g in one) == listed
 
 
+@pytest.mark.parametrize("where", ["vcenter", "esx01"])
+def test_host_facts_read_without_pyvmomi_equal_pyvmomis_reading(lab: dict[str, Any], where: str) -> None:
+    """Discovery reads hosts, datastores, networks and the inventory tree through its own SOAP session; the
+    same endpoint read through pyVmomi, property by property, gives the same facts."""
+    from pyVmomi import vim
+
+    endpoint = with_credentials(parse_endpoint(f"vsphere://{lab['vcsim'][where]['address']}"),
+                                Credentials(lab["username"], lab["password"], False))
+    with VsphereBackend(endpoint, 10) as b:
+        found = {h.key: h for h in b.discover(guests=False).hypervisors}
+        content = b._login()  # pyVmomi's own session, beside discovery's
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.HostSystem], True)
+        expected = {}
+        for host in view.view:
+            hw, product = host.summary.hardware, host.summary.config.product
+            parents, node = [], host.parent
+            while not isinstance(node, vim.Datacenter):  # compute resource, folders (vcsim fails on the root's)
+                parents.append(node)
+                node = node.parent
+            parents.append(node)
+            expected[host._moId] = {
+                "name": host.name if where == "vcenter" else endpoint.host,
+                "product": (product.fullName, product.version, product.build),
+                "hardware": (hw.vendor, hw.model),
+                "cpu": (hw.cpuModel, hw.numCpuPkgs, hw.numCpuCores, hw.numCpuThreads, hw.cpuMhz),
+                "memory_mib": hw.memorySize // (1024 * 1024),
+                "datacenter": next((p.name for p in parents if isinstance(p, vim.Datacenter)), None),
+                "cluster": next((p.name for p in parents if isinstance(p, vim.ClusterComputeResource)), None),
+                "storage": sorted((ds.summary.name, ds.summary.type) for ds in host.datastore),
+                "networks": sorted(n.name for n in host.network),
+            }
+    got = {key: {"name": h.name, "product": (h.product, h.version, h.build),
+                 "hardware": (h.hardware.vendor, h.hardware.model),
+                 "cpu": (h.cpu.model, h.cpu.sockets, h.cpu.cores, h.cpu.threads, h.cpu.mhz),
+                 "memory_mib": h.memory_mib, "datacenter": h.datacenter, "cluster": h.cluster,
+                 "storage": sorted((s.name, s.type) for s in h.storage), "networks": h.networks}
+           for key, h in found.items()}
+    assert got == expected
+    assert any(h["cluster"] for h in got.values()) == (where == "vcenter")
+
+
 PLAIN = (str, int, float, bool, type(None), list, dict)
 
 
@@ -87,11 +128,11 @@ def test_a_vm_gone_between_listing_and_reading_is_skipped(lab: dict[str, Any],
     expected, _calls = discover(lab)
     listed = VsphereBackend._inventory
 
-    def with_a_ghost(self: VsphereBackend, content: Any, vm_view: Any) -> Any:
-        by_type, vm_ids = listed(self, content, vm_view)
+    def with_a_ghost(session: Any, content: Any) -> Any:
+        by_type, vm_ids = listed(session, content)
         return by_type, [*vm_ids[:1], "vm-99999", *vm_ids[1:]]  # removed after the view was read
 
-    monkeypatch.setattr(VsphereBackend, "_inventory", with_a_ghost)
+    monkeypatch.setattr(VsphereBackend, "_inventory", staticmethod(with_a_ghost))
     monkeypatch.setattr(vsphere, "VM_CHUNK_MIN", 1)
     guests, _calls = discover(lab)
     assert guests == expected

@@ -80,6 +80,11 @@ VM_PROPS = [
 ]
 DATASTORE_PROPS = ["summary.name", "summary.type", "summary.capacity", "summary.freeSpace"]
 PARENT_PROPS = ["name", "parent"]
+# Discovery's one view: the inventory it reports, and the VMs listed without properties (read in parts).
+INVENTORY_TYPES = ["HostSystem", "Datastore", "Network", "Folder", "Datacenter", "ComputeResource", "VirtualMachine"]
+INVENTORY_PROPS = [("HostSystem", HOST_PROPS), ("Datastore", DATASTORE_PROPS), ("Network", ["name"]),
+                   ("Folder", PARENT_PROPS), ("Datacenter", PARENT_PROPS), ("ComputeResource", PARENT_PROPS),
+                   ("ClusterComputeResource", PARENT_PROPS), ("VirtualMachine", [])]
 
 _POWER = {"poweredOn": "running", "poweredOff": "stopped", "suspended": "suspended"}
 _SERIAL_KEYS = ("SerialNumberTag", "ServiceTag", "EnclosureSerialNumberTag")
@@ -240,6 +245,20 @@ def _fault_text(fault: Any) -> str:
     return one_line(text)
 
 
+def _int(value: Optional[str]) -> Optional[int]:
+    return int(value) if value else None
+
+
+def _serial(hardware: Any) -> Optional[str]:
+    """The serial number among a HostHardwareSummary's otherIdentifyingInfo (an ElementTree element)."""
+    vim_ns = _vsphere_raw.VIM
+    for ident in hardware.iterfind(f"{vim_ns}otherIdentifyingInfo") if hardware is not None else []:
+        value = ident.findtext(f"{vim_ns}identifierValue")
+        if ident.findtext(f"{vim_ns}identifierType/{vim_ns}key") in _SERIAL_KEYS and value:
+            return str(value)
+    return None
+
+
 @dataclasses.dataclass
 class _Snapshot:
     """One bulk read: every object's properties and moref, by moref id."""
@@ -344,6 +363,9 @@ class VsphereBackend(GuestBackend):
         self._stub: Any = None
         self._content: Any = None
         self._logged_in = False
+        # Discovery: its own SOAP session without pyVmomi (see _vsphere_raw), and whether it is logged in.
+        self._soap_session: Optional[Tuple[_vsphere_raw.Session, _vsphere_raw.ServiceContent]] = None
+        self._soap_logged_in = False
         # Guest convergence: the bulk read (dropped by every mutator), resolved placements (the inventory
         # tree does not change under us), each VM's raw properties as last read (devices to edit), and
         # changes that must wait until the guest is powered off.
@@ -369,7 +391,8 @@ class VsphereBackend(GuestBackend):
             return EndpointError(label, f"connection refused on port {self.endpoint.port}")
         if isinstance(exc, OSError):
             return EndpointError(label, f"cannot connect on port {self.endpoint.port}: {exc.strerror or exc}")
-        if HAS_PYVMOMI and isinstance(exc, vim.fault.InvalidLogin):
+        if (isinstance(exc, _vsphere_raw.SoapFault) and exc.kind == "InvalidLogin") or (
+                HAS_PYVMOMI and isinstance(exc, vim.fault.InvalidLogin)):
             return EndpointError(label, f"login refused for user '{self.endpoint.credentials.username}' "
                                         "(wrong user name or password)")
         msg = getattr(exc, "msg", None) or str(exc)
@@ -389,14 +412,18 @@ class VsphereBackend(GuestBackend):
         self.calls += 1
         return self._content
 
-    def _login(self) -> Any:
-        content = self._service_content()
-        if self._logged_in:
-            return content
+    def _credentials(self) -> Any:
         creds = self.endpoint.credentials
         if not creds.username or not creds.password:
             raise EndpointError(self.endpoint.label, "no credentials: set username and password (or a matching "
                                                      "credentials entry, or VMWARE_USER / VMWARE_PASSWORD)")
+        return creds
+
+    def _login(self) -> Any:
+        content = self._service_content()
+        if self._logged_in:
+            return content
+        creds = self._credentials()
         try:
             content.sessionManager.Login(creds.username, creds.password)
         except Exception as exc:  # noqa: BLE001
@@ -414,6 +441,16 @@ class VsphereBackend(GuestBackend):
                 pass
         self._logged_in = False
         self._content = None
+        if self._soap_session is not None:
+            session, content = self._soap_session
+            if self._soap_logged_in:
+                try:
+                    session.logout(content)
+                except Exception:  # noqa: BLE001, S110 - the session dies with the connection anyway
+                    pass
+            session.close()
+            self._soap_session = None
+            self._soap_logged_in = False
         # pyVmomi's objects hold their stub in reference cycles, so its pooled connections would otherwise stay
         # open until the cycle collector runs (and discovery pauses it): close them now.
         if self._stub is not None:
@@ -421,31 +458,48 @@ class VsphereBackend(GuestBackend):
             self._stub = None
 
     # ------------------------------------------------------------------ identity
+    def _soap(self) -> Tuple[_vsphere_raw.Session, _vsphere_raw.ServiceContent]:
+        """Discovery's SOAP session and the endpoint's service content (answered before any login)."""
+        if self._soap_session is None:
+            session = _vsphere_raw.Session(self.endpoint.host or "", self.endpoint.port or 443, self._ssl_context(),
+                                           self.timeout, self._count)
+            try:
+                self._soap_session = (session, session.service_content())
+            except Exception as exc:  # noqa: BLE001 - network, TLS and SOAP errors all become one line
+                session.close()
+                raise self._fail(exc) from None
+        return self._soap_session
+
+    def _soap_login(self) -> Tuple[_vsphere_raw.Session, _vsphere_raw.ServiceContent]:
+        session, content = self._soap()
+        if not self._soap_logged_in:
+            creds = self._credentials()
+            try:
+                session.login(content, creds.username or "", creds.password or "")
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(exc) from None
+            self._soap_logged_in = True
+        return session, content
+
     def identify(self) -> Identity:
-        about = self._service_content().about
-        api_type = about.apiType
+        about = self._soap()[1].about
+        api_type = about.get("apiType")
         if api_type == "HostAgent":
             kind = "esxi"
         elif api_type == "VirtualCenter":
             kind = "vcenter"
         else:
             raise EndpointError(self.endpoint.label, f"vSphere endpoint of unknown apiType {api_type!r}")
-        return Identity(api="vsphere", type=kind, product=about.fullName, version=about.version, build=about.build,
-                        vendor=about.vendor, instance_uuid=getattr(about, "instanceUuid", None))
+        return Identity(api="vsphere", type=kind, product=about.get("fullName"), version=about.get("version"),
+                        build=about.get("build"), vendor=about.get("vendor"), instance_uuid=about.get("instanceUuid"))
 
     # ------------------------------------------------------------------ bulk retrieval
-    def _retrieve(self, content: Any, specs: List[Tuple[List[Any], List[Tuple[Any, List[str]]]]],
-                  direct: Optional[List[Tuple[Any, Any, List[str]]]] = None) -> Iterator[Any]:
-        """One RetrievePropertiesEx (plus continuation pages) over several container views.
-
-        SPECS: for each view, (managed object types to put in the view, [(type, property paths)]).
-        DIRECT: (managed object, its type, property paths) read from that object itself.
-        """
+    def _retrieve(self, content: Any, specs: List[Tuple[List[Any], List[Tuple[Any, List[str]]]]]) -> Iterator[Any]:
+        """One RetrievePropertiesEx (plus continuation pages) over several container views, through pyVmomi
+        (guest convergence). SPECS: for each view, (managed object types to put in the view,
+        [(type, property paths)])."""
         pc = vmodl.query.PropertyCollector
         object_specs, prop_specs = [], []
-        for obj, mo_type, paths in direct or []:
-            object_specs.append(pc.ObjectSpec(obj=obj, skip=False))
-            prop_specs.append(pc.PropertySpec(type=mo_type, pathSet=paths, all=False))
         for view_types, props in specs:
             view = content.viewManager.CreateContainerView(content.rootFolder, view_types, True)
             self._count()
@@ -467,13 +521,11 @@ class VsphereBackend(GuestBackend):
     def discover(self, guests: bool = True) -> Discovery:
         try:
             identity = self.identify()
-            content = self._login()
-            vm_view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-            self._count()
-            by_type, vm_ids = self._inventory(content, vm_view)
+            session, content = self._soap_login()
+            by_type, vm_ids = self._inventory(session, content)
             networks = self._network_names(by_type)
             vm_props = VM_PROPS if guests else ["runtime.powerState", "runtime.host", "config.template"]
-            guest_list = self._read_guests(content, vm_ids, vm_props, networks, guests)
+            guest_list = self._read_guests(session, content, vm_ids, vm_props, networks, guests)
         except EndpointError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -484,29 +536,25 @@ class VsphereBackend(GuestBackend):
                          guests=sorted((g for g in guest_list if not g.template), key=lambda g: g.name)
                          if guests else [], calls=self.calls)
 
-    def _inventory(self, content: Any, vm_view: Any) -> Tuple[Dict[str, Dict[str, Dict[str, Any]]], List[str]]:
-        """Hosts, datastores, networks and the inventory tree, by type and moref id, from one view over every
-        type but VMs, and the members of VM_VIEW (VM moref ids), in one retrieval."""
-        specs: List[Tuple[List[Any], List[Tuple[Any, List[str]]]]] = [
-            ([vim.HostSystem, vim.Datastore, vim.Network, vim.Folder, vim.Datacenter, vim.ComputeResource],
-             [(vim.HostSystem, HOST_PROPS), (vim.Datastore, DATASTORE_PROPS), (vim.Network, ["name"]),
-              (vim.Folder, PARENT_PROPS), (vim.Datacenter, PARENT_PROPS), (vim.ComputeResource, PARENT_PROPS),
-              (vim.ClusterComputeResource, PARENT_PROPS)]),
-        ]
+    @staticmethod
+    def _inventory(session: _vsphere_raw.Session, content: _vsphere_raw.ServiceContent
+                   ) -> Tuple[Dict[str, Dict[str, Dict[str, Any]]], List[str]]:
+        """Hosts, datastores, networks and the inventory tree ({type: {moref id: {property: <val>}}}), and
+        the moref ids of every VM (listed without properties), from one view, in one retrieval."""
+        view = session.container_view(content, INVENTORY_TYPES)
+        spec = _vsphere_raw.filter_spec(INVENTORY_PROPS, [_vsphere_raw.object_spec("ContainerView", view, True)])
         by_type: Dict[str, Dict[str, Dict[str, Any]]] = {}
         vm_ids: List[str] = []
-        for obj in self._retrieve(content, specs, direct=[(vm_view, vim.view.ContainerView, ["view"])]):
-            props = {p.name: p.val for p in obj.propSet}
-            if obj.obj._moId == vm_view._moId:
-                vm_ids = [vm._moId for vm in props.get("view") or []]
-                continue
-            by_type.setdefault(type(obj.obj).__name__, {})[obj.obj._moId] = props
+        for kind, moid, props in session.retrieve(content, spec, PAGE_SIZE):
+            if kind == "VirtualMachine":
+                vm_ids.append(moid)
+            else:
+                by_type.setdefault(kind, {})[moid] = props
         return by_type, vm_ids
 
-    def _read_guests(self, content: Any, vm_ids: List[str], props: List[str], networks: Dict[str, str],
-                     details: bool) -> List[GuestFacts]:
-        """Every VM of VM_IDS, read by RetrievePropertiesEx and parsed by _vsphere_raw (ElementTree) instead of
-        pyVmomi's deserialiser: the bulk of a large vCenter's discovery time (see that module).
+    def _read_guests(self, session: _vsphere_raw.Session, content: _vsphere_raw.ServiceContent, vm_ids: List[str],
+                     props: List[str], networks: Dict[str, str], details: bool) -> List[GuestFacts]:
+        """Every VM of VM_IDS, read by RetrievePropertiesEx and parsed by ElementTree (_vsphere_raw).
 
         A large endpoint is read in up to VM_CHUNKS concurrent parts of at least VM_CHUNK_MIN VMs, each over
         its own connection. An endpoint writes its whole answer before sending it, so with one large request
@@ -517,24 +565,20 @@ class VsphereBackend(GuestBackend):
             return []
         parts = max(1, min(VM_CHUNKS, len(vm_ids) // VM_CHUNK_MIN))
         if parts == 1:
-            return self._guest_chunk(content, vm_ids, props, networks, details)
+            return self._guest_chunk(session, content, vm_ids, props, networks, details)
         with concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="virtfleet-vms") as pool:
-            futures = [pool.submit(self._guest_chunk, content, vm_ids[i::parts], props, networks, details)
+            futures = [pool.submit(self._guest_chunk, session, content, vm_ids[i::parts], props, networks, details)
                        for i in range(parts)]
             return [guest for future in futures for guest in future.result()]
 
-    def _guest_chunk(self, content: Any, vm_ids: List[str], props: List[str], networks: Dict[str, str],
-                     details: bool) -> List[GuestFacts]:
-        pc = vmodl.query.PropertyCollector
-        # A VM removed since the view was read is left out of the answer, not raised as a fault.
-        filter_spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=vim.VirtualMachine(moid, self._stub), skip=False)
-                                               for moid in vm_ids],
-                                    propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=props, all=False)],
-                                    reportMissingObjectsInResults=True)
-        rows = _vsphere_raw.retrieve(content.propertyCollector, filter_spec, pc.RetrieveOptions(maxObjects=PAGE_SIZE),
-                                     on_call=self._count)
-        return [self._guest_from_raw(moid, values, networks, details) for kind, moid, values in rows
-                if kind == "VirtualMachine"]
+    def _guest_chunk(self, session: _vsphere_raw.Session, content: _vsphere_raw.ServiceContent, vm_ids: List[str],
+                     props: List[str], networks: Dict[str, str], details: bool) -> List[GuestFacts]:
+        # A VM removed since it was listed is left out of the answer, not raised as a fault.
+        spec = _vsphere_raw.filter_spec([("VirtualMachine", props)],
+                                        [_vsphere_raw.object_spec("VirtualMachine", moid) for moid in vm_ids],
+                                        report_missing=True)
+        return [self._guest_from_raw(moid, values, networks, details)
+                for kind, moid, values in session.retrieve(content, spec, PAGE_SIZE) if kind == "VirtualMachine"]
 
     @staticmethod
     def _guest_from_raw(moid: str, values: Dict[str, Any], networks: Dict[str, str], details: bool) -> GuestFacts:
@@ -568,77 +612,76 @@ class VsphereBackend(GuestBackend):
         return guest
 
     # ------------------------------------------------------------------ mapping
-    def _parents(self, by_type: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Tuple[str, str, Optional[str]]]:
+    @staticmethod
+    def _parents(by_type: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Tuple[str, str, Optional[str]]]:
         """moref id -> (kind, name, parent moref id) for folders, datacenters and compute resources."""
+        raw = _vsphere_raw
         out: Dict[str, Tuple[str, str, Optional[str]]] = {}
-        for kind in ("vim.Folder", "vim.Datacenter", "vim.ComputeResource", "vim.ClusterComputeResource"):
+        for kind in ("Folder", "Datacenter", "ComputeResource", "ClusterComputeResource"):
             for moid, props in by_type.get(kind, {}).items():
-                parent = props.get("parent")
-                out[moid] = (kind, props.get("name", ""), parent._moId if parent is not None else None)
+                out[moid] = (kind, raw.text(props.get("name")) or "", raw.text(props.get("parent")))
         return out
 
     @staticmethod
     def _network_names(by_type: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, str]:
         """moref id -> name of every standard, distributed and opaque network, for hosts and VM NICs alike."""
         networks: Dict[str, str] = {}
-        for kind in ("vim.Network", "vim.dvs.DistributedVirtualPortgroup", "vim.OpaqueNetwork"):
-            networks.update({moid: props.get("name", moid) for moid, props in by_type.get(kind, {}).items()})
+        for kind in ("Network", "DistributedVirtualPortgroup", "OpaqueNetwork"):
+            networks.update({moid: _vsphere_raw.text(props.get("name")) or moid
+                             for moid, props in by_type.get(kind, {}).items()})
         return networks
 
     def _hosts(self, identity: Identity, by_type: Dict[str, Dict[str, Dict[str, Any]]],
                networks: Dict[str, str]) -> List[HypervisorFacts]:
+        raw = _vsphere_raw
         parents = self._parents(by_type)
-        datastores = by_type.get("vim.Datastore", {})
+        datastores = by_type.get("Datastore", {})
         managed = identity.type == "vcenter"
         hosts = []
-        for moid, props in by_type.get("vim.HostSystem", {}).items():
+        for moid, props in by_type.get("HostSystem", {}).items():
             datacenter = cluster = None
-            cursor = props.get("parent")
-            node = cursor._moId if cursor is not None else None
+            node = raw.text(props.get("parent"))
             while node in parents:
                 kind, name, up = parents[node]
-                if kind == "vim.ClusterComputeResource":
+                if kind == "ClusterComputeResource":
                     cluster = name
-                elif kind == "vim.Datacenter":
+                elif kind == "Datacenter":
                     datacenter = name
                 node = up
-            hw = props.get("summary.hardware")
-            product = props.get("summary.config.product")
-            serial = None
-            for ident in getattr(hw, "otherIdentifyingInfo", None) or []:
-                if ident.identifierType.key in _SERIAL_KEYS and ident.identifierValue:
-                    serial = ident.identifierValue
-                    break
-            memory_mib = mib(getattr(hw, "memorySize", None))
-            used = props.get("summary.quickStats.overallMemoryUsage")
+            hw_val = props.get("summary.hardware")
+            hw = raw.children(hw_val)
+            product = raw.children(props.get("summary.config.product"))
+            memory_mib = mib(_int(hw.get("memorySize")))
+            used = raw.integer(props.get("summary.quickStats.overallMemoryUsage"))
             storage = []
-            for ds in props.get("datastore") or []:
-                ds_props = datastores.get(ds._moId, {})
-                storage.append(Storage(name=ds_props.get("summary.name", ds._moId), type=ds_props.get("summary.type"),
-                                       capacity_gib=gib(ds_props.get("summary.capacity")),
-                                       free_gib=gib(ds_props.get("summary.freeSpace"))))
-            manager = self.endpoint.host if managed else (props.get("summary.managementServerIp") or None)
+            for ds in raw.refs(props.get("datastore")):
+                ds_props = datastores.get(ds, {})
+                storage.append(Storage(name=raw.text(ds_props.get("summary.name")) or ds,
+                                       type=raw.text(ds_props.get("summary.type")),
+                                       capacity_gib=gib(raw.integer(ds_props.get("summary.capacity"))),
+                                       free_gib=gib(raw.integer(ds_props.get("summary.freeSpace")))))
+            name = raw.text(props.get("name")) or moid
+            manager = self.endpoint.host if managed else (raw.text(props.get("summary.managementServerIp")) or None)
             hosts.append(HypervisorFacts(
-                name=props.get("name", moid) if managed else (self.endpoint.host or props.get("name", moid)),
+                name=name if managed else (self.endpoint.host or name),
                 type="esxi",
                 api="vsphere",
                 endpoint=self.endpoint.uri,
-                product=getattr(product, "fullName", None),
-                version=getattr(product, "version", None),
-                build=getattr(product, "build", None),
+                product=product.get("fullName"),
+                version=product.get("version"),
+                build=product.get("build"),
                 manager=manager,
                 datacenter=datacenter,
                 cluster=cluster,
-                hardware=Hardware(vendor=getattr(hw, "vendor", None), model=getattr(hw, "model", None), serial=serial),
-                cpu=Cpu(model=getattr(hw, "cpuModel", None), sockets=getattr(hw, "numCpuPkgs", None),
-                        cores=getattr(hw, "numCpuCores", None), threads=getattr(hw, "numCpuThreads", None),
-                        mhz=getattr(hw, "cpuMhz", None)),
+                hardware=Hardware(vendor=hw.get("vendor"), model=hw.get("model"), serial=_serial(hw_val)),
+                cpu=Cpu(model=hw.get("cpuModel"), sockets=_int(hw.get("numCpuPkgs")),
+                        cores=_int(hw.get("numCpuCores")), threads=_int(hw.get("numCpuThreads")),
+                        mhz=_int(hw.get("cpuMhz"))),
                 memory_mib=memory_mib,
                 memory_free_mib=max(memory_mib - used, 0) if memory_mib is not None and used is not None else None,
                 storage=sorted(storage, key=lambda s: s.name),
-                networks=sorted(networks.get(n._moId, n._moId) for n in props.get("network") or []),
-                connection_state=str(props.get("runtime.connectionState")) if props.get("runtime.connectionState")
-                else None,
+                networks=sorted(networks.get(n, n) for n in raw.refs(props.get("network"))),
+                connection_state=raw.text(props.get("runtime.connectionState")) or None,
                 key=moid,
             ))
         return hosts

@@ -73,14 +73,32 @@ def test_login_without_credentials_is_a_clear_error() -> None:
         backend._login()
 
 
-def test_invalid_login_names_the_user_not_the_password() -> None:
+@pytest.mark.parametrize("fault", ["pyvmomi", "soap"])
+def test_invalid_login_names_the_user_not_the_password(fault: str) -> None:
     from pyVmomi import vim
+
+    from ansible_collections.virtfleet.core.plugins.module_utils.backends import _vsphere_raw
 
     ep = with_credentials(parse_endpoint("vsphere://esx01"), Credentials("root", "hunter2-x", True))
     backend = backend_mod.VsphereBackend(ep, 5)
-    err = backend._fail(vim.fault.InvalidLogin())
+    exc = vim.fault.InvalidLogin() if fault == "pyvmomi" else _vsphere_raw.SoapFault(
+        "InvalidLogin", "Cannot complete login due to an incorrect user name or password.")
+    err = backend._fail(exc)
     assert str(err) == "esx01: login refused for user 'root' (wrong user name or password)"
     assert "hunter2" not in str(err)
+
+
+def test_discovery_without_credentials_fails_before_any_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ansible_collections.virtfleet.core.plugins.module_utils.backends import _vsphere_raw
+
+    calls: list[str] = []
+    monkeypatch.setattr(_vsphere_raw.Session, "call", lambda self, method, this, args="": calls.append(method))
+    backend = backend_mod.VsphereBackend(with_credentials(parse_endpoint("vsphere://esx01"), Credentials()), 5)
+    backend._soap_session = (_vsphere_raw.Session("esx01", 443, backend._ssl_context(), 5, lambda: None),
+                             SimpleNamespace(session_manager="ha-sessionmgr"))  # type: ignore[assignment]
+    with pytest.raises(EndpointError, match="esx01: no credentials"):
+        backend._soap_login()
+    assert calls == []
 
 
 def test_tls_contexts_are_shared_and_verify_unless_told_not_to() -> None:
@@ -99,14 +117,15 @@ def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
         count: int, parts: int, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
 
-    def chunk(self: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any, details: bool) -> Any:
+    def chunk(self: Any, session: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any,
+              details: bool) -> Any:
         seen.append(vm_ids)
         return [SimpleNamespace(moid=m) for m in vm_ids]
 
     monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
     ids = [f"vm-{i}" for i in range(count)]
-    guests = backend._read_guests(None, ids, ["name"], {}, True)
+    guests = backend._read_guests(None, None, ids, ["name"], {}, True)
     assert len(seen) == parts
     assert sorted(g.moid for g in guests) == sorted(ids)
     assert sorted(m for part in seen for m in part) == sorted(ids)
@@ -115,7 +134,8 @@ def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
 
 
 def test_a_failing_part_fails_the_whole_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    def chunk(self: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any, details: bool) -> Any:
+    def chunk(self: Any, session: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any,
+              details: bool) -> Any:
         if "vm-1" in vm_ids:
             raise OSError("connection reset")
         return [SimpleNamespace(moid=m) for m in vm_ids]
@@ -123,4 +143,4 @@ def test_a_failing_part_fails_the_whole_read(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
     with pytest.raises(OSError, match="connection reset"):
-        backend._read_guests(None, [f"vm-{i}" for i in range(1000)], ["name"], {}, True)
+        backend._read_guests(None, None, [f"vm-{i}" for i in range(1000)], ["name"], {}, True)

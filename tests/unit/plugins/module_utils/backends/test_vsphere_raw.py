@@ -1,8 +1,10 @@
-"""The fast VM reader against pyVmomi's own deserialiser on the same answer (captured from vcsim)."""
+"""Discovery's SOAP session without pyVmomi: its requests, its answers read against pyVmomi's own deserialiser
+(on an answer captured from vcsim), paging, cookies and faults, over a fake connection."""
 
 from __future__ import annotations
 
 import io
+import ssl
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -39,16 +41,27 @@ def with_pyvmomi(body: bytes) -> list[Any]:
     return list(result.objects)
 
 
+def session() -> raw.Session:
+    return raw.Session("127.0.0.1", 443, ssl.create_default_context(), 5, lambda: None)
+
+
+CONTENT = raw.ServiceContent(ET.fromstring(
+    "<returnval xmlns='urn:vim25'><rootFolder type='Folder'>group-d1</rootFolder><propertyCollector "
+    "type='PropertyCollector'>propertyCollector</propertyCollector><viewManager type='ViewManager'>ViewManager"
+    "</viewManager><sessionManager type='SessionManager'>SessionManager</sessionManager><about><apiType>"
+    "VirtualCenter</apiType><version>8.0.3</version></about></returnval>"))
+
+
 def test_fast_reader_matches_pyvmomi_on_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     from pyVmomi import vim
 
     body = answer()
     returnval = ET.fromstring(body).find(f".//{raw.VIM}returnval")
     assert returnval is not None
-    monkeypatch.setattr(raw, "invoke", lambda stub, mo, method, *args: (returnval, len(body)))
-    calls: list[int] = []
-    rows = list(raw.retrieve(type("Collector", (), {"_stub": None})(), None, None, on_call=lambda: calls.append(1)))
-    assert len(calls) == 1 and len(rows) == 2
+    calls: list[str] = []
+    monkeypatch.setattr(raw.Session, "call", lambda self, method, this, args="": calls.append(method) or returnval)
+    rows = list(session().retrieve(CONTENT, "<specSet/>", 1000))
+    assert calls == ["RetrievePropertiesEx"] and len(rows) == 2
     networks = {"network-7": "VM Network"}
     fast = {moid: backend_mod.VsphereBackend._guest_from_raw(moid, values, networks, True)
             for kind, moid, values in rows}
@@ -84,76 +97,117 @@ def test_paging_follows_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
         "ContinueRetrievePropertiesEx": "<returnval xmlns='urn:vim25'><objects><obj type='VirtualMachine'>vm-2</obj>"
                                         "</objects></returnval>",
     }
-    seen: list[tuple[str, tuple[Any, ...]]] = []
+    seen: list[tuple[str, tuple[str, str], str]] = []
 
-    def fake(stub: Any, mo: Any, method: str, *args: Any) -> tuple[ET.Element, int]:
-        seen.append((method, args))
-        return ET.fromstring(pages[method]), 0
+    def fake(self: Any, method: str, this: tuple[str, str], args: str = "") -> ET.Element:
+        seen.append((method, this, args))
+        return ET.fromstring(pages[method])
 
-    monkeypatch.setattr(raw, "invoke", fake)
-    rows = list(raw.retrieve(type("Collector", (), {"_stub": None})(), "spec", "opts", on_call=lambda: None))
+    monkeypatch.setattr(raw.Session, "call", fake)
+    rows = list(session().retrieve(CONTENT, "<specSet>spec</specSet>", 500))
     assert [r[1] for r in rows] == ["vm-1", "vm-2"]
-    assert seen == [("RetrievePropertiesEx", (["spec"], "opts")), ("ContinueRetrievePropertiesEx", ("t1",))]
+    collector = ("PropertyCollector", "propertyCollector")
+    assert seen == [("RetrievePropertiesEx", collector, "<specSet>spec</specSet><options><maxObjects>500</maxObjects>"
+                                                        "</options>"),
+                    ("ContinueRetrievePropertiesEx", collector, "<token>t1</token>")]
+
+
+def test_specs_are_what_the_wsdl_orders_and_values_are_escaped() -> None:
+    spec = raw.filter_spec([("VirtualMachine", ["name", "config.uuid"]), ("HostSystem", [])],
+                           [raw.object_spec("ContainerView", "session[1]view", True),
+                            raw.object_spec("VirtualMachine", "vm-<1>&")], report_missing=True)
+    assert spec == (
+        "<specSet><propSet><type>VirtualMachine</type><all>false</all><pathSet>name</pathSet><pathSet>config.uuid"
+        "</pathSet></propSet><propSet><type>HostSystem</type><all>false</all></propSet>"
+        '<objectSet><obj type="ContainerView">session[1]view</obj><skip>true</skip><selectSet xsi:type='
+        '"TraversalSpec"><name>view</name><type>ContainerView</type><path>view</path><skip>false</skip></selectSet>'
+        '</objectSet><objectSet><obj type="VirtualMachine">vm-&lt;1&gt;&amp;</obj><skip>false</skip></objectSet>'
+        "<reportMissingObjectsInResults>true</reportMissingObjectsInResults></specSet>")
+    ET.fromstring(f"<x xmlns:xsi='http://www.w3.org/2001/XMLSchema-instance'>{spec}</x>")  # well-formed
 
 
 class FakeResponse:
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status, self.body = status, io.BytesIO(body)
+    def __init__(self, status: int, body: bytes, cookie: str | None = None) -> None:
+        self.status, self.body, self.cookie = status, io.BytesIO(body), cookie
+        self.sizes: list[int] = []
 
     def read(self, size: int = -1) -> bytes:
+        self.sizes.append(size)
         return self.body.read(size)
+
+    def getheader(self, name: str) -> str | None:
+        return self.cookie if name == "Set-Cookie" else None
 
 
 class FakeConnection:
-    def __init__(self, response: FakeResponse) -> None:
-        self.response = response
-        self.sent: list[tuple[str, str, Any, dict[str, str]]] = []
+    def __init__(self, responses: list[FakeResponse]) -> None:
+        self.responses = responses
+        self.sent: list[tuple[str, str, bytes, dict[str, str]]] = []
+        self.closed = False
 
-    def request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> None:
+    def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
         self.sent.append((method, path, body, headers))
 
     def getresponse(self) -> FakeResponse:
-        return self.response
+        return self.responses.pop(0)
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
-def stub_answering(status: int, body: bytes) -> Any:
-    from pyVmomi import SoapAdapter
-
-    stub = SoapAdapter.SoapStubAdapter(host="127.0.0.1", version="vim.version.version9")
-    conn = FakeConnection(FakeResponse(status, body))
-    stub.GetConnection = lambda: conn  # type: ignore[method-assign]
-    stub.ReturnConnection = lambda c: None  # type: ignore[method-assign]
-    return stub, conn
+def answering(*responses: FakeResponse) -> tuple[raw.Session, FakeConnection, list[int]]:
+    counted: list[int] = []
+    conn = FakeConnection(list(responses))
+    soap = raw.Session("127.0.0.1", 443, ssl.create_default_context(), 5, lambda: counted.append(1))
+    soap._idle.append(conn)  # type: ignore[arg-type]
+    return soap, conn, counted
 
 
-def test_invoke_streams_the_answer_and_sends_pyvmomis_request() -> None:
-    from pyVmomi import vmodl
-
+def test_a_call_streams_the_answer_and_keeps_the_session_cookie() -> None:
     body = answer()
-    stub, conn = stub_answering(200, body)
-    collector = vmodl.query.PropertyCollector("propertyCollector", stub)
-    returnval, size = raw.invoke(stub, collector, "ContinueRetrievePropertiesEx", "token-1")
-    assert size == len(body) and len(returnval.findall(f"{raw.VIM}objects")) == 2
-    method, path, request, headers = conn.sent[0]
-    assert method == "POST" and path == "/sdk" and headers["SOAPAction"] == stub.versionId
-    text = request if isinstance(request, str) else request.decode()
-    assert "<ContinueRetrievePropertiesEx" in text and "token-1" in text
+    login = FakeResponse(200, b"<Envelope><Body><LoginResponse xmlns='urn:vim25'><returnval><key>s1</key>"
+                              b"</returnval></LoginResponse></Body></Envelope>",
+                         cookie='vmware_soap_session="abc"; Path=/')
+    soap, conn, counted = answering(login, FakeResponse(200, body))
+    soap.login(CONTENT, "admin<&>", "p&ss")
+    returnval = soap.call("ContinueRetrievePropertiesEx", ("PropertyCollector", "propertyCollector"),
+                          "<token>token-1</token>")
+    assert len(returnval.findall(f"{raw.VIM}objects")) == 2 and counted == [1, 1]
+    assert max(login.sizes) <= 1 << 16  # read in chunks, parsed while it arrives
+    (m1, path, first, h1), (m2, _p, second, h2) = conn.sent
+    assert (m1, m2, path) == ("POST", "POST", "/sdk") and h1["SOAPAction"] == raw.SOAP_ACTION
+    assert "Cookie" not in h1 and h2["Cookie"] == 'vmware_soap_session="abc"'
+    request = ET.fromstring(first)
+    login_el = request.find(f".//{raw.VIM}Login")
+    assert login_el is not None
+    assert login_el.findtext(f"{raw.VIM}userName") == "admin<&>" and login_el.findtext(f"{raw.VIM}password") == "p&ss"
+    this = login_el.find(f"{raw.VIM}_this")
+    assert this is not None and (this.get("type"), this.text) == ("SessionManager", "SessionManager")
+    assert b"<token>token-1</token>" in second
+    assert soap._idle == [conn] and not conn.closed  # kept alive for the next call
 
 
-def test_invoke_raises_the_fault_pyvmomi_would() -> None:
-    from pyVmomi import vim, vmodl
-
+def test_a_fault_raises_its_type_and_message() -> None:
     fault = (b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/'
              b'soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><soapenv:Fault>'
              b'<faultcode>ServerFaultCode</faultcode><faultstring>The session is not authenticated.</faultstring>'
              b'<detail><NotAuthenticatedFault xmlns="urn:vim25" xsi:type="NotAuthenticated"><object type='
              b'"PropertyCollector">propertyCollector</object><privilegeId>System.View</privilegeId>'
              b'</NotAuthenticatedFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>')
-    stub = stub_answering(500, fault)[0]
-    collector = vmodl.query.PropertyCollector("propertyCollector", stub)
-    with pytest.raises(Exception, match="not authenticated") as err:
-        raw.invoke(stub, collector, "ContinueRetrievePropertiesEx", "token-1")
-    assert isinstance(err.value, vim.fault.NotAuthenticated)
+    soap, _conn, _counted = answering(FakeResponse(500, fault))
+    with pytest.raises(raw.SoapFault, match="not authenticated") as err:
+        soap.call("ContinueRetrievePropertiesEx", ("PropertyCollector", "propertyCollector"), "<token>t</token>")
+    assert err.value.kind == "NotAuthenticated"
+
+
+def test_a_broken_connection_is_closed_not_reused() -> None:
+    class Broken(FakeConnection):
+        def getresponse(self) -> FakeResponse:
+            raise ConnectionResetError("reset by peer")
+
+    soap = raw.Session("127.0.0.1", 443, ssl.create_default_context(), 5, lambda: None)
+    conn = Broken([])
+    soap._idle.append(conn)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionResetError):
+        soap.service_content()
+    assert conn.closed and soap._idle == []
