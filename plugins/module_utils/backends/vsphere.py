@@ -1,16 +1,16 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""vSphere backend (ESXi or vCenter) over pyVmomi, in bulk.
+"""vSphere backend (ESXi or vCenter), in bulk.
 
-Discovery: one ContainerView over the inventory types and one over VMs, one RetrievePropertiesEx for the
-former and the VM list, then the VMs' needed properties by paged RetrievePropertiesEx (in concurrent parts
-on a large endpoint); folder, datacenter and cluster names come from one parent map. No lazy per-object
-property reads.
-The views belong to the session and go with the logout, so they are not destroyed one by one.
+Discovery speaks SOAP through _vsphere_raw, without pyVmomi: the service content, a login, one
+ContainerView over the inventory types and the VMs, one RetrievePropertiesEx for the former's properties
+and the VM list, then the VMs' needed properties by explicit lists (in concurrent parts on a large
+endpoint), and a logout; folder, datacenter and cluster names come from one parent map. No lazy
+per-object property reads. The view belongs to the session and goes with the logout.
 
-Guest convergence reads everything it needs (hosts, datastores, networks, the inventory tree and every
-VM) in one RetrievePropertiesEx over one view, cached until a mutator runs; each mutator is one task
-(CreateVM, ReconfigVM, power, Destroy) plus the polls of that task.
+Guest convergence uses pyVmomi, imported on first use. It reads everything it needs (hosts, datastores,
+networks, the inventory tree and every VM) in one RetrievePropertiesEx over one view, cached until a
+mutator runs; each mutator is one task (CreateVM, ReconfigVM, power, Destroy) plus the polls of that task.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import base64
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import json
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
@@ -54,12 +57,23 @@ from .._plan import BackendDefaults, GuestPlan
 from . import _vsphere_raw
 from .base import GuestBackend
 
-try:
-    from pyVmomi import SoapStubAdapter, vim, vmodl
+# pyVmomi is imported on first use, by guest convergence: discovery does not need it (see _vsphere_raw),
+# and importing it costs every inventory run 0.05 to 0.13 s.
+HAS_PYVMOMI = importlib.util.find_spec("pyVmomi") is not None
 
-    HAS_PYVMOMI = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HAS_PYVMOMI = False
+
+class _PyVmomi:
+    """One of pyVmomi's namespaces (`vim`, `vmodl`), importing pyVmomi when an attribute is first read."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(getattr(importlib.import_module("pyVmomi"), self._name), attr)
+
+
+vim: Any = _PyVmomi("vim")
+vmodl: Any = _PyVmomi("vmodl")
 
 # Guest tags live in extraConfig under this prefix (see the guest modules).
 TAG_PREFIX = "virtfleet.tag."
@@ -391,8 +405,9 @@ class VsphereBackend(GuestBackend):
             return EndpointError(label, f"connection refused on port {self.endpoint.port}")
         if isinstance(exc, OSError):
             return EndpointError(label, f"cannot connect on port {self.endpoint.port}: {exc.strerror or exc}")
+        # A pyVmomi fault can only come from convergence, which imported pyVmomi.
         if (isinstance(exc, _vsphere_raw.SoapFault) and exc.kind == "InvalidLogin") or (
-                HAS_PYVMOMI and isinstance(exc, vim.fault.InvalidLogin)):
+                "pyVmomi" in sys.modules and isinstance(exc, vim.fault.InvalidLogin)):
             return EndpointError(label, f"login refused for user '{self.endpoint.credentials.username}' "
                                         "(wrong user name or password)")
         msg = getattr(exc, "msg", None) or str(exc)
@@ -404,6 +419,8 @@ class VsphereBackend(GuestBackend):
         if not HAS_PYVMOMI:
             raise MissingLibraryError("pyvmomi", "vSphere endpoints")
         try:
+            from pyVmomi import SoapStubAdapter
+
             self._stub = SoapStubAdapter(host=self.endpoint.host, port=self.endpoint.port or 443,
                                          sslContext=self._ssl_context(), httpConnectionTimeout=self.timeout)
             self._content = vim.ServiceInstance("ServiceInstance", self._stub).RetrieveContent()
