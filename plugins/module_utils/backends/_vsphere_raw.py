@@ -32,7 +32,7 @@ _ENVELOPE = ('<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
              'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>'
              '<{method} xmlns="urn:vim25"><_this type="{kind}">{moid}</_this>{args}</{method}>'
              '</soapenv:Body></soapenv:Envelope>')
-_FAULT = "{http://schemas.xmlsoap.org/soap/envelope/}Fault"
+_SOAPENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
 
 
 class SoapFault(Exception):
@@ -116,6 +116,9 @@ class Session:
                     break
                 parser.feed(chunk)
             root = parser.close()
+        except ET.ParseError:
+            conn.close()
+            raise SoapFault("", f"HTTP {response.status}, not a vSphere SOAP answer") from None
         except Exception:
             conn.close()
             raise
@@ -125,10 +128,11 @@ class Session:
         cookie = response.getheader("Set-Cookie")
         if cookie:
             self.cookie = cookie.split(";", 1)[0]
-        fault = root.find(f".//{_FAULT}")
+        # Envelope > Body > the method's response (its <returnval>) or a Fault: direct paths, no tree walk.
+        fault = root.find(f"{_SOAPENV}Body/{_SOAPENV}Fault")
         if fault is not None or response.status != 200:
             raise _fault(fault, response.status)
-        returnval = root.find(f".//{VIM}returnval")
+        returnval = root.find(f"{_SOAPENV}Body/*/{VIM}returnval")
         return returnval if returnval is not None else ET.Element(f"{VIM}returnval")
 
     def service_content(self) -> ServiceContent:
@@ -179,7 +183,7 @@ class Session:
 def _fault(fault: Optional[ET.Element], status: int) -> Exception:
     """The SoapFault of a fault answer: the type from <detail> (xsi:type), the message from <faultstring>."""
     if fault is None:
-        return OSError(f"HTTP {status} from the vSphere endpoint")
+        return SoapFault("", f"HTTP {status}, not a vSphere SOAP answer")
     kind = ""
     detail = fault.find("detail")
     if detail is not None and len(detail):

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
-from .._endpoints import Endpoint
+from .._endpoints import Credentials, Endpoint
 from .._errors import ConfigError, EndpointError, MissingLibraryError, one_line
 from .._model import (
     OWNER_TAG,
@@ -429,7 +429,8 @@ class VsphereBackend(GuestBackend):
         self.calls += 1
         return self._content
 
-    def _credentials(self) -> Any:
+    def _credentials(self) -> Credentials:
+        """The endpoint's credentials, or one clear line before any login when there are none."""
         creds = self.endpoint.credentials
         if not creds.username or not creds.password:
             raise EndpointError(self.endpoint.label, "no credentials: set username and password (or a matching "

@@ -165,8 +165,9 @@ def answering(*responses: FakeResponse) -> tuple[raw.Session, FakeConnection, li
 
 def test_a_call_streams_the_answer_and_keeps_the_session_cookie() -> None:
     body = answer()
-    login = FakeResponse(200, b"<Envelope><Body><LoginResponse xmlns='urn:vim25'><returnval><key>s1</key>"
-                              b"</returnval></LoginResponse></Body></Envelope>",
+    login = FakeResponse(200, b"<soapenv:Envelope xmlns:soapenv='http://schemas.xmlsoap.org/soap/envelope/'>"
+                              b"<soapenv:Body><LoginResponse xmlns='urn:vim25'><returnval><key>s1</key>"
+                              b"</returnval></LoginResponse></soapenv:Body></soapenv:Envelope>",
                          cookie='vmware_soap_session="abc"; Path=/')
     soap, conn, counted = answering(login, FakeResponse(200, body))
     soap.login(CONTENT, "admin<&>", "p&ss")
@@ -211,3 +212,13 @@ def test_a_broken_connection_is_closed_not_reused() -> None:
     with pytest.raises(ConnectionResetError):
         soap.service_content()
     assert conn.closed and soap._idle == []
+
+
+@pytest.mark.parametrize(("status", "body"), [(404, b"<html><body>Not Found<br></body></html>"),
+                                              (404, b"<html><body>Not Found</body></html>"),
+                                              (200, b"plain text")])
+def test_an_answer_that_is_not_soap_is_one_clear_fault(status: int, body: bytes) -> None:
+    soap, conn, _counted = answering(FakeResponse(status, body))
+    with pytest.raises(raw.SoapFault, match=f"HTTP {status}, not a vSphere SOAP answer"):
+        soap.service_content()
+    assert conn.closed == (body != b"<html><body>Not Found</body></html>")  # unparsable: not kept alive
