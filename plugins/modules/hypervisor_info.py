@@ -17,8 +17,7 @@ description:
 author:
   - virtfleet maintainers (@virtfleet)
 requirements:
-  - pyvmomi (vSphere endpoints)
-  - libvirt-python (libvirt endpoints)
+  - libvirt-python (libvirt endpoints; vSphere and Redfish endpoints need no extra library)
 extends_documentation_fragment:
   - virtfleet.core.connection
 options:

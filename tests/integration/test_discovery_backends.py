@@ -3,6 +3,7 @@ returns, and what pyVmomi itself lists; results (guest facts skip the JSON round
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
     parse_endpoint,
     with_credentials,
 )
+from ansible_collections.virtfleet.core.plugins.module_utils._model import gib
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere
 from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import VsphereBackend
 
@@ -73,25 +75,61 @@ def test_host_facts_read_without_pyvmomi_equal_pyvmomis_reading(lab: dict[str, A
                 parents.append(node)
                 node = node.parent
             parents.append(node)
+            serials = [i.identifierValue for i in hw.otherIdentifyingInfo or []
+                       if i.identifierType.key in vsphere._SERIAL_KEYS and i.identifierValue]
+            memory_mib = hw.memorySize // (1024 * 1024)
             expected[host._moId] = {
                 "name": host.name if where == "vcenter" else endpoint.host,
+                "serial": serials[0] if serials else None,
+                "memory_free_mib": memory_mib - host.summary.quickStats.overallMemoryUsage,
+                "connection_state": str(host.runtime.connectionState),
+                "manager": endpoint.host if where == "vcenter" else (host.summary.managementServerIp or None),
                 "product": (product.fullName, product.version, product.build),
                 "hardware": (hw.vendor, hw.model),
                 "cpu": (hw.cpuModel, hw.numCpuPkgs, hw.numCpuCores, hw.numCpuThreads, hw.cpuMhz),
-                "memory_mib": hw.memorySize // (1024 * 1024),
+                "memory_mib": memory_mib,
                 "datacenter": next((p.name for p in parents if isinstance(p, vim.Datacenter)), None),
                 "cluster": next((p.name for p in parents if isinstance(p, vim.ClusterComputeResource)), None),
-                "storage": sorted((ds.summary.name, ds.summary.type) for ds in host.datastore),
+                "storage": sorted((ds.summary.name, ds.summary.type, gib(ds.summary.capacity),
+                                   gib(ds.summary.freeSpace)) for ds in host.datastore),
                 "networks": sorted(n.name for n in host.network),
             }
-    got = {key: {"name": h.name, "product": (h.product, h.version, h.build),
+    got = {key: {"name": h.name, "serial": h.hardware.serial, "memory_free_mib": h.memory_free_mib,
+                 "connection_state": h.connection_state, "manager": h.manager,
+                 "product": (h.product, h.version, h.build),
                  "hardware": (h.hardware.vendor, h.hardware.model),
                  "cpu": (h.cpu.model, h.cpu.sockets, h.cpu.cores, h.cpu.threads, h.cpu.mhz),
                  "memory_mib": h.memory_mib, "datacenter": h.datacenter, "cluster": h.cluster,
-                 "storage": sorted((s.name, s.type) for s in h.storage), "networks": h.networks}
+                 "storage": sorted((s.name, s.type, s.capacity_gib, s.free_gib) for s in h.storage),
+                 "networks": h.networks}
            for key, h in found.items()}
     assert got == expected
     assert any(h["cluster"] for h in got.values()) == (where == "vcenter")
+
+
+def test_discovery_never_imports_pyvmomi(lab: dict[str, Any]) -> None:
+    """pyVmomi costs every inventory run its import: discovery (a vCenter, an ESXi) must not load it."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from ansible_collections.virtfleet.core.plugins.module_utils._discovery import discover_endpoint\n"
+        "from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import Credentials, "
+        "parse_endpoint, with_credentials\n"
+        "lab = json.loads(sys.argv[1])\n"
+        "for where in ('vcenter', 'esx01'):\n"
+        "    ep = with_credentials(parse_endpoint('vsphere://' + lab['vcsim'][where]['address']),\n"
+        "                          Credentials(lab['username'], lab['password'], False))\n"
+        "    result = discover_endpoint(ep, True, 10)\n"
+        "    assert result['error'] is None and result['guests'], result['error']\n"
+        "print('pyVmomi' in sys.modules)\n"
+    )
+    root = Path(vsphere.__file__).resolve().parents[6]  # the directory holding ansible_collections/
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(lab)], capture_output=True, text=True,
+                         check=True, cwd=root)
+    assert out.stdout.strip() == "False"
 
 
 PLAIN = (str, int, float, bool, type(None), list, dict)

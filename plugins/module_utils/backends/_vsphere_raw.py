@@ -14,6 +14,7 @@ convergence, which builds specs and runs tasks, stays on pyVmomi (see vsphere.py
 from __future__ import annotations
 
 import http.client
+import http.cookies
 import ssl
 import threading
 import xml.etree.ElementTree as ET
@@ -33,6 +34,7 @@ _ENVELOPE = ('<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
              '<{method} xmlns="urn:vim25"><_this type="{kind}">{moid}</_this>{args}</{method}>'
              '</soapenv:Body></soapenv:Envelope>')
 _SOAPENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
+SESSION_COOKIE = "vmware_soap_session"
 
 
 class SoapFault(Exception):
@@ -125,9 +127,14 @@ class Session:
         self.on_call()
         with self._lock:
             self._idle.append(conn)
-        cookie = response.getheader("Set-Cookie")
-        if cookie:
-            self.cookie = cookie.split(";", 1)[0]
+        for header in response.headers.get_all("Set-Cookie") or []:
+            jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+            try:
+                jar.load(header)
+            except http.cookies.CookieError:
+                continue
+            if SESSION_COOKIE in jar:  # other cookies (a load balancer's) are not the session
+                self.cookie = f"{SESSION_COOKIE}={jar[SESSION_COOKIE].coded_value}"
         # Envelope > Body > the method's response (its <returnval>) or a Fault: direct paths, no tree walk.
         fault = root.find(f"{_SOAPENV}Body/{_SOAPENV}Fault")
         if fault is not None or response.status != 200:
@@ -191,9 +198,11 @@ def _fault(fault: Optional[ET.Element], status: int) -> Exception:
     return SoapFault(kind or (fault.findtext("faultcode") or "Fault"), fault.findtext("faultstring") or "")
 
 
-def refs(val: Optional[ET.Element]) -> List[str]:
-    """The moref ids of an ArrayOfManagedObjectReference."""
-    return [child.text for child in val if child.text] if val is not None else []
+def refs(val: Optional[ET.Element], kind: Optional[str] = None) -> List[str]:
+    """The moref ids of an ArrayOfManagedObjectReference (only those of type KIND, if given)."""
+    if val is None:
+        return []
+    return [child.text for child in val if child.text and (kind is None or child.get("type") == kind)]
 
 
 def children(val: Optional[ET.Element]) -> Dict[str, Optional[str]]:

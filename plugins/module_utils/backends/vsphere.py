@@ -94,11 +94,12 @@ VM_PROPS = [
 ]
 DATASTORE_PROPS = ["summary.name", "summary.type", "summary.capacity", "summary.freeSpace"]
 PARENT_PROPS = ["name", "parent"]
-# Discovery's one view: the inventory it reports, and the VMs listed without properties (read in parts).
+# Discovery's one view: the inventory it reports, and the VMs (listed by the view's own `view` property, one
+# object whatever their number, then read in parts).
 INVENTORY_TYPES = ["HostSystem", "Datastore", "Network", "Folder", "Datacenter", "ComputeResource", "VirtualMachine"]
 INVENTORY_PROPS = [("HostSystem", HOST_PROPS), ("Datastore", DATASTORE_PROPS), ("Network", ["name"]),
                    ("Folder", PARENT_PROPS), ("Datacenter", PARENT_PROPS), ("ComputeResource", PARENT_PROPS),
-                   ("ClusterComputeResource", PARENT_PROPS), ("VirtualMachine", [])]
+                   ("ClusterComputeResource", PARENT_PROPS), ("ContainerView", ["view"])]
 
 _POWER = {"poweredOn": "running", "poweredOff": "stopped", "suspended": "suspended"}
 _SERIAL_KEYS = ("SerialNumberTag", "ServiceTag", "EnclosureSerialNumberTag")
@@ -419,8 +420,10 @@ class VsphereBackend(GuestBackend):
         if not HAS_PYVMOMI:
             raise MissingLibraryError("pyvmomi", "vSphere endpoints")
         try:
-            from pyVmomi import SoapStubAdapter
-
+            try:
+                from pyVmomi import SoapStubAdapter
+            except ImportError:  # installed but broken
+                raise MissingLibraryError("pyvmomi", "vSphere guest convergence") from None
             self._stub = SoapStubAdapter(host=self.endpoint.host, port=self.endpoint.port or 443,
                                          sslContext=self._ssl_context(), httpConnectionTimeout=self.timeout)
             self._content = vim.ServiceInstance("ServiceInstance", self._stub).RetrieveContent()
@@ -558,14 +561,15 @@ class VsphereBackend(GuestBackend):
     def _inventory(session: _vsphere_raw.Session, content: _vsphere_raw.ServiceContent
                    ) -> Tuple[Dict[str, Dict[str, Dict[str, Any]]], List[str]]:
         """Hosts, datastores, networks and the inventory tree ({type: {moref id: {property: <val>}}}), and
-        the moref ids of every VM (listed without properties), from one view, in one retrieval."""
+        the moref ids of every VM (the VMs among the view's members), from one view, in one retrieval."""
         view = session.container_view(content, INVENTORY_TYPES)
-        spec = _vsphere_raw.filter_spec(INVENTORY_PROPS, [_vsphere_raw.object_spec("ContainerView", view, True)])
+        spec = _vsphere_raw.filter_spec(INVENTORY_PROPS, [_vsphere_raw.object_spec("ContainerView", view, True),
+                                                          _vsphere_raw.object_spec("ContainerView", view)])
         by_type: Dict[str, Dict[str, Dict[str, Any]]] = {}
         vm_ids: List[str] = []
         for kind, moid, props in session.retrieve(content, spec, PAGE_SIZE):
-            if kind == "VirtualMachine":
-                vm_ids.append(moid)
+            if kind == "ContainerView":
+                vm_ids = _vsphere_raw.refs(props.get("view"), "VirtualMachine")
             else:
                 by_type.setdefault(kind, {})[moid] = props
         return by_type, vm_ids
@@ -710,7 +714,7 @@ class VsphereBackend(GuestBackend):
             self.calls += n
 
     def _guest_error(self, name: str, what: str, exc: BaseException) -> EndpointError:
-        if HAS_PYVMOMI and isinstance(exc, vmodl.MethodFault):
+        if "pyVmomi" in sys.modules and isinstance(exc, vmodl.MethodFault):
             reason = _fault_text(exc)
         else:
             reason = self._fail(exc).reason

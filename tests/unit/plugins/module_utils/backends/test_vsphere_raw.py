@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import email.message
 import io
 import ssl
 import xml.etree.ElementTree as ET
@@ -14,7 +15,7 @@ import pytest
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import _vsphere_raw as raw
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere as backend_mod
 
-pytestmark = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
+needs_pyvmomi = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vcsim_vm_properties.xml"
 
@@ -52,6 +53,7 @@ CONTENT = raw.ServiceContent(ET.fromstring(
     "VirtualCenter</apiType><version>8.0.3</version></about></returnval>"))
 
 
+@needs_pyvmomi
 def test_fast_reader_matches_pyvmomi_on_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     from pyVmomi import vim
 
@@ -127,16 +129,16 @@ def test_specs_are_what_the_wsdl_orders_and_values_are_escaped() -> None:
 
 
 class FakeResponse:
-    def __init__(self, status: int, body: bytes, cookie: str | None = None) -> None:
-        self.status, self.body, self.cookie = status, io.BytesIO(body), cookie
+    def __init__(self, status: int, body: bytes, cookies: tuple[str, ...] = ()) -> None:
+        self.status, self.body = status, io.BytesIO(body)
+        self.headers = email.message.Message()
+        for cookie in cookies:
+            self.headers["Set-Cookie"] = cookie
         self.sizes: list[int] = []
 
     def read(self, size: int = -1) -> bytes:
         self.sizes.append(size)
         return self.body.read(size)
-
-    def getheader(self, name: str) -> str | None:
-        return self.cookie if name == "Set-Cookie" else None
 
 
 class FakeConnection:
@@ -168,7 +170,7 @@ def test_a_call_streams_the_answer_and_keeps_the_session_cookie() -> None:
     login = FakeResponse(200, b"<soapenv:Envelope xmlns:soapenv='http://schemas.xmlsoap.org/soap/envelope/'>"
                               b"<soapenv:Body><LoginResponse xmlns='urn:vim25'><returnval><key>s1</key>"
                               b"</returnval></LoginResponse></soapenv:Body></soapenv:Envelope>",
-                         cookie='vmware_soap_session="abc"; Path=/')
+                         cookies=("lb=node-2; Path=/", 'vmware_soap_session="abc"; Path=/; HttpOnly; Secure'))
     soap, conn, counted = answering(login, FakeResponse(200, body))
     soap.login(CONTENT, "admin<&>", "p&ss")
     returnval = soap.call("ContinueRetrievePropertiesEx", ("PropertyCollector", "propertyCollector"),
