@@ -35,7 +35,7 @@ def paused_gc() -> Iterator[None]:
     Reading a large endpoint allocates ~300,000 XML elements plus the facts built from them, in a process
     that (under Ansible) already holds a large heap; every few hundred allocations the collector ran and its
     full passes walked that whole heap: ~0.5 s of a 1,680-VM inventory (measured). Nearly all of it is freed
-    by reference counting; what pyVmomi leaves in cycles waits until the collector is restored (as it was,
+    by reference counting; what is left in cycles waits until the collector is restored (as it was,
     also on error). Backends close their connections in close(), so no socket waits with it.
     """
     was_enabled = gc.isenabled()

@@ -260,10 +260,6 @@ def _fault_text(fault: Any) -> str:
     return one_line(text)
 
 
-def _int(value: Optional[str]) -> Optional[int]:
-    return int(value) if value else None
-
-
 def _serial(hardware: Any) -> Optional[str]:
     """The serial number among a HostHardwareSummary's otherIdentifyingInfo (an ElementTree element)."""
     vim_ns = _vsphere_raw.VIM
@@ -673,7 +669,7 @@ class VsphereBackend(GuestBackend):
             hw_val = props.get("summary.hardware")
             hw = raw.children(hw_val)
             product = raw.children(props.get("summary.config.product"))
-            memory_mib = mib(_int(hw.get("memorySize")))
+            memory_mib = mib(raw.number(hw.get("memorySize")))
             used = raw.integer(props.get("summary.quickStats.overallMemoryUsage"))
             storage = []
             for ds in raw.refs(props.get("datastore")):
@@ -696,9 +692,9 @@ class VsphereBackend(GuestBackend):
                 datacenter=datacenter,
                 cluster=cluster,
                 hardware=Hardware(vendor=hw.get("vendor"), model=hw.get("model"), serial=_serial(hw_val)),
-                cpu=Cpu(model=hw.get("cpuModel"), sockets=_int(hw.get("numCpuPkgs")),
-                        cores=_int(hw.get("numCpuCores")), threads=_int(hw.get("numCpuThreads")),
-                        mhz=_int(hw.get("cpuMhz"))),
+                cpu=Cpu(model=hw.get("cpuModel"), sockets=raw.number(hw.get("numCpuPkgs")),
+                        cores=raw.number(hw.get("numCpuCores")), threads=raw.number(hw.get("numCpuThreads")),
+                        mhz=raw.number(hw.get("cpuMhz"))),
                 memory_mib=memory_mib,
                 memory_free_mib=max(memory_mib - used, 0) if memory_mib is not None and used is not None else None,
                 storage=sorted(storage, key=lambda s: s.name),
