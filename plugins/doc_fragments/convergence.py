@@ -33,4 +33,12 @@ options:
         attached that were made elsewhere are always kept.
     type: bool
     default: false
+  owner:
+    description:
+      - The owner id written into the ownership mark of every guest this task creates, together with the guest's
+        uuid (so a clone, or a VM made from a template of an owned guest, owns nothing).
+      - O(ignore:exclusive) removes only guests of this owner. Give each team, role or fleet its own owner id when
+        several converge guests on one hypervisor, so they never prune each other's guests.
+    type: str
+    default: virtfleet.core
 """

@@ -10,13 +10,16 @@ class ModuleDocFragment:
 options:
   name:
     description:
-      - Guest name (libvirt domain name, vSphere VM name). 1-80 letters, digits, V(.), V(_) or V(-).
+      - Guest name (libvirt domain name, vSphere VM name). 1-80 letters, digits, V(.), V(_) or V(-), starting
+        with a letter or digit.
     type: str
     required: true
   uuid:
     description:
-      - Guest UUID. When set, the guest is found by UUID first (vSphere names are not unique), and a new guest gets
-        this UUID. Otherwise the hypervisor chooses it.
+      - Guest UUID. When set, it says which of several same-named guests is meant (vSphere names are not unique),
+        and a new guest gets this UUID. Otherwise a random one is chosen.
+      - A UUID never overrides O(name) - a UUID that belongs to a guest of another name is refused, and two guests
+        of one list cannot have the same UUID.
     type: str
   vcpus:
     description:
@@ -105,7 +108,9 @@ options:
     type: dict
     suboptions:
       user_data:
-        description: user-data document (string), or a dict sent as C(#cloud-config).
+        description:
+          - user-data document (string), or a dict sent as C(#cloud-config).
+          - Never logged or returned (it often holds passwords); results and diffs show only the digest.
         type: raw
       meta_data:
         description: meta-data document (string or dict), for example C(instance-id) and C(local-hostname).
@@ -146,4 +151,9 @@ options:
     type: str
     default: present
     choices: [present, running, stopped, absent]
+  status:
+    description:
+      - Read-only facts as M(virtfleet.core.guest_info) returns them. Ignored, so that module's output can be
+        fed back as desired state unchanged.
+    type: dict
 """

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict
 
 from ansible.module_utils.basic import env_fallback
 
 from ._converge import RunOptions
 from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials
-from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, Placement
+from ._errors import ConfigError
+from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, OWNER_TAG, Placement, owner_id
 from ._plan import PlanOptions
 
 
@@ -74,7 +76,8 @@ def guest_argument_spec() -> Dict[str, Any]:
             "model": {"type": "str", "choices": list(NIC_MODELS)},
         }},
         "cloud_init": {"type": "dict", "options": {
-            "user_data": {"type": "raw"},
+            # Often holds passwords: never in invocation, logs or the journal.
+            "user_data": {"type": "raw", "no_log": True},
             "meta_data": {"type": "raw"},
             "network_config": {"type": "raw"},
         }},
@@ -86,6 +89,9 @@ def guest_argument_spec() -> Dict[str, Any]:
         "autostart": {"type": "bool"},
         "tags": {"type": "dict"},
         "state": {"type": "str", "default": "present", "choices": list(GUEST_STATES)},
+        # What guest_info returns beside the options (power state, owner...): read-only, ignored here, so
+        # guest_info's output can be fed back as desired state unchanged.
+        "status": {"type": "dict"},
     }
 
 
@@ -96,11 +102,28 @@ def convergence_argument_spec() -> Dict[str, Any]:
         "force": {"type": "bool", "default": False},
         "shutdown_timeout": {"type": "float", "default": 120.0},
         "remove_storage": {"type": "bool", "default": False},
+        "owner": {"type": "str", "default": OWNER_TAG},
     }
 
 
+def exclusive_argument_spec() -> Dict[str, Any]:
+    """Options of the guests module only (documented there)."""
+    return {
+        "guests": {"type": "list", "elements": "dict", "required": True, "options": guest_argument_spec()},
+        "exclusive": {"type": "bool", "default": False},
+        "allow_empty": {"type": "bool", "default": False},
+    }
+
+
+MAX_SHUTDOWN_TIMEOUT = 86400.0
+
+
 def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOptions:
+    timeout = params["shutdown_timeout"]
+    if not math.isfinite(timeout) or not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT:
+        raise ConfigError("shutdown_timeout", timeout, f"must be more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g} "
+                                                       "seconds")
     return RunOptions(plan=PlanOptions(allow_restart=params["allow_restart"], remove_storage=params["remove_storage"],
                                        force=params["force"]),
-                      exclusive=bool(params.get("exclusive")), shutdown_timeout=params["shutdown_timeout"],
-                      check_mode=check_mode)
+                      exclusive=bool(params.get("exclusive")), allow_empty=bool(params.get("allow_empty")),
+                      owner=owner_id(params["owner"]), shutdown_timeout=timeout, check_mode=check_mode)

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional
 
 from ._errors import ConfigError, VirtfleetError, one_line
-from ._model import GuestSpec, GuestState, Placement
+from ._model import OWNER_TAG, GuestSpec, GuestState, Placement
 from ._plan import GuestPlan, Planner, PlanOptions
 from .backends.base import GuestBackend
 
@@ -22,6 +22,9 @@ from .backends.base import GuestBackend
 class RunOptions:
     plan: PlanOptions = dataclasses.field(default_factory=PlanOptions)
     exclusive: bool = False
+    # With exclusive, an empty list would remove every guest OWNER owns: only when the user says so.
+    allow_empty: bool = False
+    owner: str = OWNER_TAG
     shutdown_timeout: float = 120.0
     check_mode: bool = False
     max_workers: int = 8
@@ -46,10 +49,15 @@ class GuestResult:
 
 
 def find_current(spec: GuestSpec, states: List[GuestState]) -> Optional[GuestState]:
-    """The guest SPEC describes: by uuid when given (names are not unique on vSphere), else by name."""
+    """The guest SPEC describes. A uuid never overrides the name: a uuid that belongs to a guest of another
+    name is refused, so a typo cannot act on (or delete) a guest the user did not name."""
     if spec.uuid:
         for state in states:
             if state.spec.uuid == spec.uuid:
+                if state.spec.name != spec.name:
+                    raise ConfigError(f"guest {spec.name!r} uuid", spec.uuid,
+                                      f"belongs to the guest {state.spec.name!r}; a guest is only ever acted on "
+                                      "by its own name")
                 return state
     same_name = [s for s in states if s.spec.name == spec.name]
     if len(same_name) > 1:
@@ -58,24 +66,40 @@ def find_current(spec: GuestSpec, states: List[GuestState]) -> Optional[GuestSta
     return same_name[0] if same_name else None
 
 
+def _check_list(specs: List[GuestSpec], options: RunOptions) -> None:
+    names: Dict[str, int] = {}
+    uuids: Dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in names:
+            raise ConfigError(f"guests[{i}].name", spec.name, f"listed twice (also guests[{names[spec.name]}])")
+        names[spec.name] = i
+        if spec.uuid:
+            if spec.uuid in uuids:
+                raise ConfigError(f"guests[{i}] ({spec.name}) uuid", spec.uuid,
+                                  f"listed twice (also guests[{uuids[spec.uuid]}] ({specs[uuids[spec.uuid]].name}))")
+            uuids[spec.uuid] = i
+    if options.exclusive and not specs and not options.allow_empty:
+        raise ConfigError("guests", [], f"is empty while exclusive is true, which would remove every guest owned by "
+                                        f"{options.owner!r}; set allow_empty: true if that is what you mean")
+
+
 def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,
              options: RunOptions) -> List[GuestPlan]:
     """Every guest's plan, or a ConfigError for the first bad one; nothing is changed here."""
-    seen: Dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        if spec.name in seen:
-            raise ConfigError(f"guests[{i}].name", spec.name, f"listed twice (also guests[{seen[spec.name]}])")
-        seen[spec.name] = i
+    _check_list(specs, options)
+    for spec in specs:
         backend.verify_spec(spec)
     capacity = backend.capacity(placement)
     states = backend.read_guests(placement)
     planner = Planner(capacity, backend.defaults, options.plan, backend.leftover_disks(specs, placement))
     plans = [planner.plan(spec, find_current(spec, states)) for spec in specs]
     if options.exclusive:
+        # Only guests this owner's mark was written on, inside what the user placed guests in.
         kept = {id(p.current) for p in plans if p.current is not None}
         names = {s.name for s in specs}
         for state in states:
-            if state.owned and id(state) not in kept and state.spec.name not in names:
+            if (state.owned_by(options.owner) and state.in_scope and id(state) not in kept
+                    and state.spec.name not in names):
                 plans.append(planner.plan(GuestSpec(name=state.spec.name, state="absent"), state))
     return plans
 
@@ -86,7 +110,7 @@ def _apply(backend: GuestBackend, plan: GuestPlan, placement: Placement, options
         backend.remove_guest(current, plan.remove_storage)
         return
     if plan.action == "create" and plan.after is not None:
-        created = backend.create_guest(plan.after, placement)
+        created = backend.create_guest(plan.after, placement, options.owner)
         if plan.power == "start":
             backend.start_guest(created)
         return
@@ -99,8 +123,7 @@ def _apply(backend: GuestBackend, plan: GuestPlan, placement: Placement, options
     elif plan.power == "stop":
         backend.stop_guest(current, options.shutdown_timeout, options.plan.force)
     elif plan.power == "restart":
-        backend.stop_guest(current, options.shutdown_timeout, options.plan.force)
-        backend.start_guest(current)
+        backend.restart_guest(current, options.shutdown_timeout, options.plan.force)
 
 
 def converge(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,

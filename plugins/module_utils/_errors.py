@@ -16,7 +16,7 @@ class ConfigError(VirtfleetError):
         self.option = option
         self.value = value
         self.problem = problem
-        super().__init__(f"{option}={value!r}: {problem}")
+        super().__init__(f"{option}={one_line(repr(value), 120)}: {problem}")
 
 
 class EndpointError(VirtfleetError):

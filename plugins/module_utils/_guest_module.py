@@ -87,7 +87,8 @@ def run_guests(module: AnsibleModule, single: bool) -> None:
 
 def select_guests(states: List[GuestState], pattern: Optional[str], tags: Optional[Dict[str, Any]],
                   power_state: Optional[str]) -> List[Dict[str, Any]]:
-    """guest_info's filters, applied to one bulk read."""
+    """guest_info's filters, applied to one bulk read. Each guest is its guest options (so it can be fed back as
+    desired state) plus ``status``, what only the hypervisor knows, which the guest modules ignore."""
     out = []
     for state in states:
         spec = state.spec
@@ -98,6 +99,14 @@ def select_guests(states: List[GuestState], pattern: Optional[str], tags: Option
         if power_state and state.power_state != power_state:
             continue
         facts = spec.facts()
-        facts.update(power_state=state.power_state, owned=state.owned)
+        # The seed's documents are not read back, only their digest: as desired state that means "leave as is".
+        digest = facts.pop("cloud_init")
+        facts["state"] = _STATE_OF_POWER.get(state.power_state, "present")
+        facts["status"] = {"power_state": state.power_state, "owner": state.owner, "cloud_init_digest": digest,
+                           "pending_restart": list(state.pending_restart)}
         out.append(facts)
     return sorted(out, key=lambda g: g["name"])
+
+
+# A paused or suspended guest is left as it is when fed back.
+_STATE_OF_POWER = {"running": "running", "stopped": "stopped"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -187,11 +188,26 @@ FIRMWARES = ("bios", "uefi")
 DISK_FORMATS = ("qcow2", "raw", "thin", "thick", "eagerzeroedthick")
 DISK_BUSES = ("virtio", "scsi", "sata", "ide", "nvme")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "pcnet32")
+# The owner id a guest gets when the user sets none. Two teams converging one host set their own (``owner``).
 OWNER_TAG = "virtfleet.core"
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Patterns are matched whole (fullmatch): ``$`` would let a trailing newline through.
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Disk names become libvirt user aliases (ua-NAME), which allow only [A-Za-z0-9_-]: a '.' would be dropped by
+# libvirt and the disk would read back under its target name, never converging. A space is allowed only for
+# naming an existing vSphere disk by its label ("Hard disk 1"), see DEVICE_NAME.
+_DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,39}")
+# The first-boot seed and any future bookkeeping disk of this collection.
+SEED_DISK = "virtfleet-cidata"
+_RESERVED_DISK = re.compile(r"virtfleet-.*", re.IGNORECASE)
+# Names a hypervisor gives disks itself (targets, vSphere labels): they may name an existing disk, but a new disk
+# named like one would be read back as another disk, so the planner refuses to create one.
+DEVICE_NAME = re.compile(r"(vd|sd|hd|xvd)[a-z]{1,3}|nvme[0-9]+(n[0-9]+)?|.* .*", re.IGNORECASE)
+# Text read into guest definitions: no control characters (a newline in a tag value would end up in XML/logs).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclasses.dataclass
@@ -283,13 +299,23 @@ class GuestState:
 
     spec: GuestSpec
     power_state: str
-    owned: bool = False  # carries this collection's ownership tag
+    # The owner id of this collection's mark, only when the mark was written on this very guest (it names the
+    # guest's uuid): a clone or a VM made from a template copies the mark but not the uuid, so it owns nothing.
+    owner: Optional[str] = None
     created_disks: List[str] = dataclasses.field(default_factory=list)  # disk names this collection created
     max_vcpus: Optional[int] = None  # highest vCPU count reachable without a restart
     max_memory_mib: Optional[int] = None  # highest memory reachable without a restart
     # Fields whose persistent value differs from what the running guest has (a change waiting for a restart).
     pending_restart: List[str] = dataclasses.field(default_factory=list)
+    # A restart by this collection stopped the guest and did not get to start it again: the next run starts it.
+    interrupted_restart: bool = False
+    # Inside what the user placed guests in (vCenter: the cluster/host, folder and resource pool given);
+    # ``exclusive`` prunes only guests in scope.
+    in_scope: bool = True
     ref: Any = None  # backend handle (libvirt domain, vSphere moref)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.owner is not None and self.owner == owner
 
 
 @dataclasses.dataclass
@@ -318,9 +344,9 @@ def _positive_number(name: str, field: str, value: Any, integer: bool) -> Any:
         if isinstance(value, bool):
             raise ValueError
         number = kind(value)
-        if integer and float(value) != number:
+        if not math.isfinite(float(number)) or (integer and float(value) != number):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(_where(name, field), value, f"must be {'an integer' if integer else 'a number'}") from None
     if number <= 0:
         raise ConfigError(_where(name, field), value, "must be greater than zero")
@@ -342,6 +368,23 @@ def _only(name: str, field: str, data: Dict[str, Any], allowed: Tuple[str, ...])
                           f"unknown option; expected one of {', '.join(allowed)}")
 
 
+def owner_id(value: Any, option: str = "owner") -> str:
+    """The owner id written into the ownership mark of every guest created, and the only owner exclusive prunes."""
+    if not isinstance(value, str) or not _OWNER.fullmatch(value):
+        raise ConfigError(option, value, "must be 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter "
+                                         "or digit")
+    return value
+
+
+def _text(name: str, field: str, value: Any) -> Optional[str]:
+    """A free-form string option: text without control characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or _CONTROL.search(value) or len(value) > 4096:
+        raise ConfigError(_where(name, field), value, "must be text without control characters")
+    return value
+
+
 def normalise_mac(value: str) -> str:
     return value.strip().lower().replace("-", ":")
 
@@ -350,14 +393,14 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
     """Validate one guest as given by a user (module options, or one entry of ``guests``); ConfigError
     names the guest, the field and the value. Nothing is contacted here."""
     name = data.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError("name", name, "must be 1-80 letters, digits, '.', '_' or '-', starting with a letter "
                                         "or digit")
     _only(name, "", {k: v for k, v in data.items() if v is not None}, GUEST_OPTIONS)
     uuid = data.get("uuid")
     if uuid is not None:
         uuid = str(uuid).lower()
-        if not _UUID.match(uuid):
+        if not _UUID.fullmatch(uuid):
             raise ConfigError(_where(name, "uuid"), data["uuid"], "must be a UUID like 1b4e28ba-2fa1-11d2-883f-"
                                                                   "0016d3cca427")
     disks = None
@@ -369,16 +412,21 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
                 raise ConfigError(_where(name, field), raw, "must be a dict")
             _only(name, field, raw, ("name", "size_gib", "pool", "datastore", "format", "source", "bus"))
             disk_name = raw.get("name")
-            if not isinstance(disk_name, str) or not _NAME.match(disk_name):
-                raise ConfigError(_where(name, f"{field}.name"), disk_name, "must be a short name like 'root'")
+            if not isinstance(disk_name, str) or not _DISK_NAME.fullmatch(disk_name):
+                raise ConfigError(_where(name, f"{field}.name"), disk_name,
+                                  "must be 1-40 letters, digits, '_' or '-', starting with a letter or digit")
+            if _RESERVED_DISK.fullmatch(disk_name):
+                raise ConfigError(_where(name, f"{field}.name"), disk_name,
+                                  "is reserved for this collection's own disks (the first-boot seed)")
             if disk_name in seen:
                 raise ConfigError(_where(name, f"{field}.name"), disk_name, "duplicate disk name")
             seen.add(disk_name)
             pool = raw.get("pool") or raw.get("datastore")
             disks.append(DiskSpec(name=disk_name, size_gib=_positive_number(name, f"{field}.size_gib",
                                                                             raw.get("size_gib"), False),
-                                  pool=pool, format=_choice(name, f"{field}.format", raw.get("format"), DISK_FORMATS),
-                                  source=raw.get("source"),
+                                  pool=_text(name, f"{field}.pool", pool),
+                                  format=_choice(name, f"{field}.format", raw.get("format"), DISK_FORMATS),
+                                  source=_text(name, f"{field}.source", raw.get("source")),
                                   bus=_choice(name, f"{field}.bus", raw.get("bus"), DISK_BUSES)))
     nics = None
     if data.get("nics") is not None:
@@ -393,7 +441,7 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
             mac = raw.get("mac")
             if mac is not None:
                 mac = normalise_mac(str(mac))
-                if not _MAC.match(mac):
+                if not _MAC.fullmatch(mac):
                     raise ConfigError(_where(name, f"{field}.mac"), raw["mac"], "is not a MAC address "
                                                                                 "(aa:bb:cc:dd:ee:ff)")
                 if int(mac[:2], 16) & 1:
@@ -401,7 +449,7 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
                 if mac in macs:
                     raise ConfigError(_where(name, f"{field}.mac"), raw["mac"], "duplicate MAC address")
                 macs.add(mac)
-            nics.append(NicSpec(network=str(raw["network"]), mac=mac,
+            nics.append(NicSpec(network=_text(name, f"{field}.network", raw["network"]) or "", mac=mac,
                                 model=_choice(name, f"{field}.model", raw.get("model"), NIC_MODELS)))
     cloud_init = None
     if data.get("cloud_init") is not None:
@@ -421,18 +469,23 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
         _only(name, "boot", raw, ("kernel", "initrd", "cmdline"))
         if not raw.get("kernel"):
             raise ConfigError(_where(name, "boot.kernel"), raw.get("kernel"), "is required for direct kernel boot")
-        boot = BootSpec(kernel=raw.get("kernel"), initrd=raw.get("initrd"), cmdline=raw.get("cmdline"))
+        boot = BootSpec(kernel=_text(name, "boot.kernel", raw.get("kernel")),
+                        initrd=_text(name, "boot.initrd", raw.get("initrd")),
+                        cmdline=_text(name, "boot.cmdline", raw.get("cmdline")))
     tags = None
     if data.get("tags") is not None:
         if not isinstance(data["tags"], dict):
             raise ConfigError(_where(name, "tags"), data["tags"], "must be a dict of strings")
         tags = {}
         for key, value in data["tags"].items():
-            if not _TAG_KEY.match(str(key)):
-                raise ConfigError(_where(name, f"tags.{key}"), value, "tag names are 1-64 letters, digits, '_.-'")
+            if not _TAG_KEY.fullmatch(str(key)):
+                raise ConfigError(_where(name, "tags"), key, "tag names are 1-64 letters, digits, '_.-'")
             if value is None or str(value) == "":
                 raise ConfigError(_where(name, f"tags.{key}"), value, "tag values must not be empty (vSphere drops "
                                                                       "empty keys)")
+            if isinstance(value, (dict, list)) or _CONTROL.search(str(value)) or len(str(value)) > 1024:
+                raise ConfigError(_where(name, f"tags.{key}"), value, "tag values are text of at most 1024 "
+                                                                      "characters without control characters")
             tags[str(key)] = str(value)
     autostart = data.get("autostart")
     if autostart is not None and not isinstance(autostart, bool):
@@ -454,4 +507,4 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
 
 
 GUEST_OPTIONS = ("name", "uuid", "vcpus", "memory_mib", "firmware", "disks", "nics", "cloud_init", "boot",
-                 "autostart", "tags", "state")
+                 "autostart", "tags", "state", "status")

@@ -14,25 +14,63 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import re
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ._errors import ConfigError
-from ._model import DiskSpec, GuestSpec, GuestState, HostCapacity, NicSpec
+from ._model import DEVICE_NAME, DiskSpec, GuestSpec, GuestState, HostCapacity, NicSpec
 
 # Defaults of a new guest for fields the user left out (the hypervisor's own defaults would make
 # check mode guess; these make it exact).
 NEW_GUEST_DEFAULTS: Dict[str, Any] = {"vcpus": 1, "memory_mib": 1024, "firmware": "bios", "autostart": False}
 
 
-@dataclasses.dataclass
+# What a change is about. Whole-guest fields need no key; disks are keyed by name, NICs by MAC, boot by part.
+SCALAR_KINDS = ("guest", "power_state", "vcpus", "memory_mib", "firmware", "autostart", "tags", "cloud_init")
+KEYED_KINDS = ("disks", "nics", "boot")
+_FIELD = re.compile(r"(?P<kind>disks|nics)\[(?P<key>[^\]]+)\](?:\.(?P<attr>\w+))?|boot\.(?P<boot>\w+)|(?P<scalar>\w+)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Change:
-    field: str
+    """One planned change, structured: KIND (a guest field or a device kind), KEY (which disk/NIC/boot part),
+    ATTR (which attribute of it; None = the whole object is added). Backends apply changes through tables
+    keyed by (kind, attr); ``field`` is the same change as users read it in results (``disks[root].size_gib``)."""
+
+    kind: str
     before: Any
     after: Any
     live: bool = True
+    key: Optional[str] = None
+    attr: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind in SCALAR_KINDS and self.key is None:
+            return
+        if self.kind in KEYED_KINDS and self.key is not None:
+            return
+        # Also accepts a field string as users read it ("disks[root].size_gib"), for tests and old callers.
+        match = _FIELD.fullmatch(self.kind)
+        if match is None or (match.group("scalar") and match.group("scalar") not in SCALAR_KINDS):
+            raise ValueError(f"not a change field: {self.kind!r}")
+        if match.group("boot"):
+            object.__setattr__(self, "kind", "boot")
+            object.__setattr__(self, "key", match.group("boot"))
+        elif match.group("kind"):
+            object.__setattr__(self, "kind", match.group("kind"))
+            object.__setattr__(self, "key", match.group("key"))
+            object.__setattr__(self, "attr", match.group("attr"))
+
+    @property
+    def field(self) -> str:
+        if self.kind == "boot":
+            return f"boot.{self.key}"
+        if self.kind in KEYED_KINDS:
+            return f"{self.kind}[{self.key}]" + (f".{self.attr}" if self.attr else "")
+        return self.kind
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"field": self.field, "before": self.before, "after": self.after, "live": self.live}
 
 
 @dataclasses.dataclass
@@ -133,6 +171,10 @@ class Planner:
                            f"no such network on the host (known: {', '.join(sorted(cap.networks))})")
 
     def _verify_new_disk(self, name: str, index: int, disk: DiskSpec) -> DiskSpec:
+        if DEVICE_NAME.fullmatch(disk.name):
+            raise _err(name, f"disks[{index}].name", disk.name,
+                       "is a device name (a target like vdb, a label like 'Hard disk 2'): it can name a disk the "
+                       "guest has, but a new disk needs a name of its own")
         pool = disk.pool or self.capacity.default_pool
         if not pool:
             raise _err(name, f"disks[{index}].pool", disk.pool, "no pool/datastore given and the host has no default")
@@ -203,8 +245,9 @@ class Planner:
         running = current.power_state in ACTIVE
         changes = plan.changes
 
-        def change(field: str, before: Any, value: Any, live: bool) -> None:
-            changes.append(Change(field, before, value, live or not running))
+        def change(kind: str, before: Any, value: Any, live: bool, key: Optional[str] = None,
+                   attr: Optional[str] = None) -> None:
+            changes.append(Change(kind, before, value, live or not running, key=key, attr=attr))
 
         # CPU and memory: live when growing within what the guest can take without a restart.
         if desired.vcpus is not None and desired.vcpus != have.vcpus:
@@ -225,7 +268,7 @@ class Planner:
             for key in ("kernel", "initrd", "cmdline"):
                 want = getattr(desired.boot, key)
                 if want is not None and want != getattr(have_boot, key):
-                    change(f"boot.{key}", getattr(have_boot, key), want, False)
+                    change("boot", getattr(have_boot, key), want, False, key=key)
                     if after.boot is None:
                         after.boot = type(desired.boot)()
                     setattr(after.boot, key, want)
@@ -260,7 +303,7 @@ class Planner:
             old = have.get(disk.name)
             if old is None:
                 new = self._verify_new_disk(desired.name, i, disk)
-                change(f"disks[{disk.name}]", None, dataclasses.asdict(new), new.bus in self.defaults.hotplug_buses)
+                change("disks", None, dataclasses.asdict(new), new.bus in self.defaults.hotplug_buses, key=disk.name)
                 after_disks.append(new)
                 continue
             if disk.size_gib is not None and old.size_gib is not None:
@@ -268,10 +311,10 @@ class Planner:
                     raise _err(desired.name, f"disks[{i}].size_gib", disk.size_gib,
                                f"disk {disk.name!r} is {old.size_gib:g} GiB; shrinking a disk is not supported")
                 if disk.size_gib > old.size_gib + 0.005:
-                    change(f"disks[{disk.name}].size_gib", old.size_gib, disk.size_gib, True)
+                    change("disks", old.size_gib, disk.size_gib, True, key=disk.name, attr="size_gib")
                     _replace(after_disks, disk.name, size_gib=disk.size_gib)
             if disk.bus is not None and old.bus is not None and disk.bus != old.bus:
-                change(f"disks[{disk.name}].bus", old.bus, disk.bus, False)
+                change("disks", old.bus, disk.bus, False, key=disk.name, attr="bus")
                 _replace(after_disks, disk.name, bus=disk.bus)
         after.disks = after_disks
 
@@ -293,22 +336,27 @@ class Planner:
             if index is None:
                 new = self._claim_mac(desired.name, i, nic, own)
                 own.add(new.mac or "")
-                change(f"nics[{new.mac}]", None, dataclasses.asdict(new), True)
+                change("nics", None, dataclasses.asdict(new), True, key=new.mac)
                 after_nics.append(new)
                 continue
             matched.add(index)
             old = have[index]
             if nic.network != old.network:
-                change(f"nics[{old.mac}].network", old.network, nic.network, True)
+                change("nics", old.network, nic.network, True, key=old.mac or f"#{index}", attr="network")
                 after_nics[index].network = nic.network
             if nic.model is not None and nic.model != old.model:
-                change(f"nics[{old.mac}].model", old.model, nic.model, False)
+                change("nics", old.model, nic.model, False, key=old.mac or f"#{index}", attr="model")
                 after_nics[index].model = nic.model
         after.nics = after_nics
 
     def _plan_power(self, desired: GuestSpec, current: GuestState, plan: GuestPlan) -> None:
         state = current.power_state
-        if desired.state == "running":
+        if desired.state == "present" and current.interrupted_restart and state == "stopped":
+            # An earlier run stopped this guest to restart it and never started it again: finish the restart.
+            plan.power = "start"
+            plan.changes.append(Change("power_state", state, "running"))
+            plan.restart_required = False
+        elif desired.state == "running":
             if state != "running":
                 plan.power = "start"
                 plan.changes.append(Change("power_state", state, "running"))

@@ -10,7 +10,11 @@ short_description: Read guests of a libvirt or vSphere endpoint in the same norm
 version_added: 0.2.0
 description:
   - Returns one guest, or every guest of the endpoint, filtered by name, tags and power state, in the model that
-    M(virtfleet.core.guest) takes as options - so its output can be fed back as desired state.
+    M(virtfleet.core.guest) takes as options - so its output can be fed back as desired state, to
+    M(virtfleet.core.guest) or as an entry of M(virtfleet.core.guests).
+  - What only the hypervisor knows is in each guest's C(status), which the guest modules ignore. The first-boot
+    data is not read back, only its digest (C(status.cloud_init_digest)); fed back, a guest without
+    C(cloud_init) keeps the seed it has.
   - One bulk read, whatever the number of guests. Read-only.
 author:
   - virtfleet maintainers (@virtfleet)
@@ -64,13 +68,22 @@ EXAMPLES = r"""
 
 RETURN = r"""
 guests:
-  description: Matching guests, sorted by name, with C(power_state) and C(owned) (created by this collection).
+  description: Matching guests, sorted by name, each as guest options plus C(status).
   returned: always
   type: list
   elements: dict
-  sample: [{"name": "web01", "uuid": "2a6c1d5e-...", "power_state": "running", "owned": true, "vcpus": 2,
-            "memory_mib": 2048, "firmware": "bios", "disks": [], "nics": [], "cloud_init": null, "boot": null,
-            "autostart": false, "tags": {"role": "web"}}]
+  contains:
+    state:
+      description: V(running) or V(stopped) from the power state; V(present) for a paused or suspended guest.
+      type: str
+    status:
+      description: Read-only facts - C(power_state), C(owner) (the owner id of this collection's mark, or null),
+        C(cloud_init_digest), C(pending_restart) (fields waiting for a restart).
+      type: dict
+  sample: [{"name": "web01", "uuid": "2a6c1d5e-...", "vcpus": 2, "memory_mib": 2048, "firmware": "bios",
+            "disks": [], "nics": [], "boot": null, "autostart": false, "tags": {"role": "web"}, "state": "running",
+            "status": {"power_state": "running", "owner": "virtfleet.core", "cloud_init_digest": null,
+                       "pending_restart": []}}]
 """
 
 from ansible.module_utils.basic import AnsibleModule

@@ -12,8 +12,10 @@ description:
   - The bulk form of M(virtfleet.core.guest) - one connection, one bulk read of every guest, every guest planned
     before anything is changed, changes applied in parallel (shutdown and task waits overlap).
   - If any guest in the list is invalid, the task fails naming it and nothing is changed on any guest.
-  - With O(exclusive=true), guests that carry this collection's ownership mark (set on every guest it creates) but
-    are not in O(guests) are removed. A guest this collection did not create is never removed.
+  - With O(exclusive=true), guests that carry this task's ownership mark (O(owner), set on every guest it creates)
+    but are not in O(guests) are removed. A guest this collection did not create, a guest of another owner, a clone
+    of an owned guest, and on vCenter a guest outside the cluster/host, folder and resource pool given, are never
+    removed.
 author:
   - virtfleet maintainers (@virtfleet)
 requirements:
@@ -35,8 +37,17 @@ options:
     required: true
   exclusive:
     description:
-      - Also remove owned guests (created by this collection) that are not listed. Their disks follow
-        O(remove_storage).
+      - Also remove guests owned by O(owner) that are not listed. Their disks follow O(remove_storage).
+      - Only guests within what the task places guests in are candidates - on vCenter, the O(cluster) or
+        O(esxi_host), O(folder) and O(resource_pool) given.
+      - An empty O(guests) list is refused unless O(allow_empty=true).
+    type: bool
+    default: false
+  allow_empty:
+    description:
+      - With O(exclusive=true) and an empty O(guests) list, remove every guest O(owner) owns in scope. Without it,
+        such a task fails before anything is read, because an empty list is far more often a mistake (an
+        undefined variable, a role default) than a wish.
     type: bool
     default: false
 attributes:
@@ -97,6 +108,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     connection_argument_spec,
     convergence_argument_spec,
+    exclusive_argument_spec,
     placement_argument_spec,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import run_guests
@@ -104,8 +116,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._guest_module impor
 
 def main() -> None:
     spec = {**connection_argument_spec(), **placement_argument_spec(), **convergence_argument_spec(),
-            "guests": {"type": "list", "elements": "dict", "required": True},
-            "exclusive": {"type": "bool", "default": False}}
+            **exclusive_argument_spec()}
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     run_guests(module, single=False)
 

@@ -73,10 +73,14 @@ class GuestBackend(HypervisorBackend):
 
     # ------------------------------------------------------------------ mutators
     @abc.abstractmethod
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
+    def create_guest(self, spec: GuestSpec, placement: Placement, owner: str) -> GuestState:
         """Create the guest described by SPEC (complete: the planner filled defaults, MACs, pools), with its
-        disks and first-boot seed, powered off; return it (enough to start it). Cleans up what it made if it
-        fails half-way."""
+        disks and first-boot seed, powered off, marked as OWNER's (the mark names the guest's uuid); return it
+        (enough to start it).
+
+        Create-exclusive: a guest of that name appearing meanwhile (another run) is an EndpointError, never
+        overwritten. If it fails half-way it removes exactly what this call created (never storage it reused
+        or that another run made), and a kill at any point leaves what it created removable by the next run."""
 
     @abc.abstractmethod
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
@@ -89,6 +93,12 @@ class GuestBackend(HypervisorBackend):
     @abc.abstractmethod
     def stop_guest(self, current: GuestState, timeout: float, force: bool) -> None:
         """ACPI/guest shutdown, wait up to TIMEOUT; then power off if FORCE, else raise EndpointError."""
+
+    def restart_guest(self, current: GuestState, timeout: float, force: bool) -> None:
+        """Stop then start. Backends that can record it mark the guest first, so that a run killed (or failing)
+        between the stop and the start leaves a guest the next run starts again (GuestState.interrupted_restart)."""
+        self.stop_guest(current, timeout, force)
+        self.start_guest(current)
 
     @abc.abstractmethod
     def remove_guest(self, current: GuestState, remove_storage: bool) -> None:

@@ -11,6 +11,7 @@ import pytest
 from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
 from ansible_collections.virtfleet.core.plugins.module_utils._model import (
+    OWNER_TAG,
     GuestSpec,
     GuestState,
     HostCapacity,
@@ -39,7 +40,7 @@ def existing(power: str = "running", **data: Any) -> GuestState:
             "disks": [{"name": "root", "size_gib": 10, "pool": "default", "format": "qcow2", "bus": "virtio"}],
             "nics": [{"network": "lan", "mac": "52:54:00:00:00:01", "model": "virtio"}]}
     base.update(data)
-    return GuestState(spec=spec(**base), power_state=power, owned=True, created_disks=["root"], max_vcpus=8,
+    return GuestState(spec=spec(**base), power_state=power, owner=OWNER_TAG, created_disks=["root"], max_vcpus=8,
                       max_memory_mib=2048)
 
 
@@ -173,11 +174,11 @@ class FakeBackend(GuestBackend):
             raise AssertionError(f"mutator {what} called in check mode")
         self.mutations.append(what)
 
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
+    def create_guest(self, spec: GuestSpec, placement: Placement, owner: str) -> GuestState:
         self._mutate(f"create {spec.name}")
         self.states[spec.name] = GuestState(spec=dataclasses.replace(spec, state="present",
                                                                      uuid=spec.uuid or "0000-new"),
-                                            power_state="stopped", owned=True)
+                                            power_state="stopped", owner=owner)
         return self.states[spec.name]
 
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
@@ -200,7 +201,7 @@ class FakeBackend(GuestBackend):
 
 def scenario() -> tuple[list[GuestState], list[GuestSpec]]:
     unowned = existing(power="running")
-    unowned.spec.name, unowned.owned = "legacy", False
+    unowned.spec.name, unowned.owner = "legacy", None
     orphan = existing(power="stopped")
     orphan.spec.name = "orphan"
     states = [existing(), unowned, orphan]
