@@ -1,19 +1,18 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Argument specs shared by the modules; each has a doc fragment in plugins/doc_fragments of the same name."""
+"""Argument specs shared by the modules; each has a doc fragment in plugins/doc_fragments of the same name.
+
+Specs and the parsing of connection and placement options only: read-only modules import this, so it never
+imports the planner or the convergence engine."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict
 
 from ansible.module_utils.basic import env_fallback
 
-from ._converge import RunOptions
 from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials
-from ._errors import ConfigError
-from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, OWNER_TAG, Placement, owner_id
-from ._plan import PlanOptions
+from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, OWNER_TAG, Placement
 
 
 def connection_argument_spec() -> Dict[str, Any]:
@@ -24,15 +23,24 @@ def connection_argument_spec() -> Dict[str, Any]:
         "password": {"type": "str", "aliases": ["pass", "pwd"], "no_log": True,
                      "fallback": (env_fallback, ["VMWARE_PASSWORD"])},
         "validate_certs": {"type": "bool", "default": True, "fallback": (env_fallback, ["VMWARE_VALIDATE_CERTS"])},
+        "ca_path": {"type": "path", "fallback": (env_fallback, ["VIRTFLEET_CA_PATH", "REQUESTS_CA_BUNDLE"])},
+        "allow_uri_commands": {"type": "bool", "default": False},
         "timeout": {"type": "float", "default": 10.0},
     }
 
 
 def endpoint_from_params(params: Dict[str, Any]) -> Endpoint:
-    """The endpoint a module talks to, with its credentials; raises ConfigError on a bad uri."""
-    endpoint = parse_endpoint(params["uri"], "uri")
-    creds = env_credentials(params.get("username"), params.get("password"), params.get("validate_certs"))
-    return with_credentials(endpoint, creds)
+    """The endpoint a module talks to, with its credentials; raises ConfigError on a bad uri or option,
+    before anything is contacted."""
+    from ._endpoints import MAX_TIMEOUT, check_bounds, check_transport
+
+    check_bounds("timeout", params.get("timeout"), MAX_TIMEOUT)
+    endpoint = parse_endpoint(params["uri"], "uri", allow_uri_commands=bool(params.get("allow_uri_commands")))
+    creds = env_credentials(params.get("username"), params.get("password"), params.get("validate_certs"),
+                            params.get("ca_path"))
+    endpoint = with_credentials(endpoint, creds)
+    check_transport(endpoint, "uri")
+    return endpoint
 
 
 def placement_argument_spec() -> Dict[str, Any]:
@@ -113,17 +121,3 @@ def exclusive_argument_spec() -> Dict[str, Any]:
         "exclusive": {"type": "bool", "default": False},
         "allow_empty": {"type": "bool", "default": False},
     }
-
-
-MAX_SHUTDOWN_TIMEOUT = 86400.0
-
-
-def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOptions:
-    timeout = params["shutdown_timeout"]
-    if not math.isfinite(timeout) or not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT:
-        raise ConfigError("shutdown_timeout", timeout, f"must be more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g} "
-                                                       "seconds")
-    return RunOptions(plan=PlanOptions(allow_restart=params["allow_restart"], remove_storage=params["remove_storage"],
-                                       force=params["force"]),
-                      exclusive=bool(params.get("exclusive")), allow_empty=bool(params.get("allow_empty")),
-                      owner=owner_id(params["owner"]), shutdown_timeout=timeout, check_mode=check_mode)

@@ -7,32 +7,32 @@ Errors become a failure exactly once, here; everything below raises domain excep
 
 from __future__ import annotations
 
-import fnmatch
+import math
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
-from ._argspec import (
-    endpoint_from_params,
-    guest_argument_spec,
-    placement_from_params,
-    run_options_from_params,
-)
-from ._converge import converge, diff_of
+from ._argspec import guest_argument_spec, placement_from_params
+from ._converge import RunOptions, converge, diff_of
 from ._errors import ConfigError, VirtfleetError, one_line
-from ._model import GuestSpec, GuestState, guest_spec_from_dict
-from .backends.base import GuestBackend, backend_for
+from ._guest_read import guest_backend
+from ._model import GuestSpec, guest_spec_from_dict, owner_id
+from ._plan import PlanOptions
+
+MAX_SHUTDOWN_TIMEOUT = 86400.0
 
 
-def guest_backend(module: AnsibleModule) -> GuestBackend:
-    endpoint = endpoint_from_params(module.params)
-    backend = backend_for(endpoint, module.params["timeout"])
-    if not isinstance(backend, GuestBackend):
-        raise ConfigError("uri", module.params["uri"], "this endpoint cannot hold guests (use a libvirt or vSphere "
-                                                       "uri)")
-    return backend
+def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOptions:
+    timeout = params["shutdown_timeout"]
+    if not math.isfinite(timeout) or not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT:
+        raise ConfigError("shutdown_timeout", timeout, f"must be more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g} "
+                                                       "seconds")
+    return RunOptions(plan=PlanOptions(allow_restart=params["allow_restart"], remove_storage=params["remove_storage"],
+                                       force=params["force"]),
+                      exclusive=bool(params.get("exclusive")), allow_empty=bool(params.get("allow_empty")),
+                      owner=owner_id(params["owner"]), shutdown_timeout=timeout, check_mode=check_mode)
 
 
 def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
@@ -83,30 +83,3 @@ def run_guests(module: AnsibleModule, single: bool) -> None:
         msg = "; ".join(f"{r.name}: {r.msg}" for r in failed)
         module.fail_json(msg=f"{len(failed)} of {len(results)} guests failed: {msg}", **out)
     module.exit_json(**out)
-
-
-def select_guests(states: List[GuestState], pattern: Optional[str], tags: Optional[Dict[str, Any]],
-                  power_state: Optional[str]) -> List[Dict[str, Any]]:
-    """guest_info's filters, applied to one bulk read. Each guest is its guest options (so it can be fed back as
-    desired state) plus ``status``, what only the hypervisor knows, which the guest modules ignore."""
-    out = []
-    for state in states:
-        spec = state.spec
-        if pattern and not fnmatch.fnmatchcase(spec.name, pattern):
-            continue
-        if tags and any((spec.tags or {}).get(str(k)) != str(v) for k, v in tags.items()):
-            continue
-        if power_state and state.power_state != power_state:
-            continue
-        facts = spec.facts()
-        # The seed's documents are not read back, only their digest: as desired state that means "leave as is".
-        digest = facts.pop("cloud_init")
-        facts["state"] = _STATE_OF_POWER.get(state.power_state, "present")
-        facts["status"] = {"power_state": state.power_state, "owner": state.owner, "cloud_init_digest": digest,
-                           "pending_restart": list(state.pending_restart)}
-        out.append(facts)
-    return sorted(out, key=lambda g: g["name"])
-
-
-# A paused or suspended guest is left as it is when fed back.
-_STATE_OF_POWER = {"running": "running", "stopped": "stopped"}

@@ -90,7 +90,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtfleet.core.plugins.module_utils._argspec import connection_argument_spec
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError
-from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import guest_backend, select_guests
+from ansible_collections.virtfleet.core.plugins.module_utils._guest_read import guest_backend, select_guests
 from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement
 
 

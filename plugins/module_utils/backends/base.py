@@ -1,15 +1,16 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The typed contract every hypervisor backend fulfils. A new backend is a new subclass, nothing else."""
+"""The typed contract every hypervisor backend fulfils. A new backend is a new subclass plus one line in the
+registry (backends/__init__.py). This file imports neither the planner nor a concrete backend."""
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Dict, List, Tuple, TypeVar
 
+from .._changes import BackendDefaults, GuestPlan
 from .._endpoints import Endpoint
 from .._model import Discovery, GuestSpec, GuestState, HostCapacity, Identity, Placement
-from .._plan import BackendDefaults, GuestPlan
 
 _B = TypeVar("_B", bound="HypervisorBackend")
 
@@ -104,24 +105,3 @@ class GuestBackend(HypervisorBackend):
     def remove_guest(self, current: GuestState, remove_storage: bool) -> None:
         """Power off if needed and remove the definition (nvram, snapshots metadata, managed save included).
         Disks are kept unless REMOVE_STORAGE, and then only those in current.created_disks."""
-
-
-def backend_for(endpoint: Endpoint, timeout: float = 10.0) -> HypervisorBackend:
-    """The backend class for an endpoint's API, imported lazily so that a missing library only
-    matters to endpoints that need it."""
-    backend: Optional[HypervisorBackend] = None
-    if endpoint.api == "libvirt":
-        from .libvirt import LibvirtBackend
-
-        backend = LibvirtBackend(endpoint, timeout)
-    elif endpoint.api == "vsphere":
-        from .vsphere import VsphereBackend
-
-        backend = VsphereBackend(endpoint, timeout)
-    elif endpoint.api == "redfish":
-        from .redfish import RedfishBackend
-
-        backend = RedfishBackend(endpoint, timeout)
-    if backend is None:
-        raise ValueError(f"no backend for api {endpoint.api!r}")
-    return backend

@@ -9,15 +9,19 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_plan import FakeBackend, existing, planner, spec
 
 from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     convergence_argument_spec,
     exclusive_argument_spec,
-    run_options_from_params,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
-from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import select_guests, specs_from_entries
+from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import (
+    run_options_from_params,
+    specs_from_entries,
+)
+from ansible_collections.virtfleet.core.plugins.module_utils._guest_read import select_guests
 from ansible_collections.virtfleet.core.plugins.module_utils._model import (
     GuestState,
     Placement,
@@ -25,8 +29,6 @@ from ansible_collections.virtfleet.core.plugins.module_utils._model import (
     owner_id,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._plan import Change, PlanOptions
-
-from test_plan import FakeBackend, existing, planner, spec
 
 DB_UUID = "0b1c2d3e-0000-4000-8000-00000000db01"
 WEB_UUID = "0b1c2d3e-0000-4000-8000-000000000001"
