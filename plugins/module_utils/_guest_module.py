@@ -35,6 +35,16 @@ def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOpti
                       owner=owner_id(params["owner"]), shutdown_timeout=timeout, check_mode=check_mode)
 
 
+def _without_none(value: Any) -> Any:
+    """An entry as the user wrote it: AnsibleModule fills every unset suboption with None, which a second
+    validation would take as set (None is not one of a choice's values)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
 def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
     """Each entry of ``guests`` checked against the same argument spec as the guest module's options."""
     validator = ArgumentSpecValidator(guest_argument_spec())
@@ -42,7 +52,7 @@ def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ConfigError(f"guests[{i}]", entry, "must be a dict of guest options")
-        result = validator.validate(entry)
+        result = validator.validate(_without_none(entry))
         if result.error_messages:
             label = f"guests[{i}] ({entry.get('name')})" if entry.get("name") else f"guests[{i}]"
             raise ConfigError(label, "...", result.error_messages[0])

@@ -23,8 +23,9 @@ def lab() -> dict[str, Any]:
     return lab_module.load_state()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def libvirt_conn(lab: dict[str, Any]) -> Any:
+    """A connection per test: the fault-injection tests kill and restart libvirtd, which ends older ones."""
     import libvirt
 
     conn = libvirt.open(lab["libvirt"]["uri"])

@@ -5,30 +5,47 @@ library (libvirt-python, pyVmomi) only matters to endpoints that need it."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Dict, Tuple
+from typing import Callable, Dict, Type
 
 from .._endpoints import Endpoint
 from .._errors import ConfigError
 from .base import GuestBackend, HypervisorBackend
 
-# api -> (module under backends/, class name). A new backend is one line here and its own module.
-REGISTRY: Dict[str, Tuple[str, str]] = {
-    "libvirt": ("libvirt", "LibvirtBackend"),
-    "vsphere": ("vsphere", "VsphereBackend"),
-    "redfish": ("redfish", "RedfishBackend"),
+
+def _libvirt() -> Type[HypervisorBackend]:
+    from .libvirt import LibvirtBackend
+
+    return LibvirtBackend
+
+
+def _vsphere() -> Type[HypervisorBackend]:
+    from .vsphere import VsphereBackend
+
+    return VsphereBackend
+
+
+def _redfish() -> Type[HypervisorBackend]:
+    from .redfish import RedfishBackend
+
+    return RedfishBackend
+
+
+# api -> the backend class, imported on first use. A new backend is one entry here and its own module. The
+# imports are written out (not importlib): Ansible ships a module's module_utils by reading its import lines.
+REGISTRY: Dict[str, Callable[[], Type[HypervisorBackend]]] = {
+    "libvirt": _libvirt,
+    "vsphere": _vsphere,
+    "redfish": _redfish,
 }
 
 
 def backend_for(endpoint: Endpoint, timeout: float = 10.0) -> HypervisorBackend:
     """A backend instance for the endpoint (not yet connected)."""
     try:
-        module_name, class_name = REGISTRY[endpoint.api]
+        load = REGISTRY[endpoint.api]
     except KeyError:
         raise ValueError(f"no backend for api {endpoint.api!r}") from None
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    backend: HypervisorBackend = getattr(module, class_name)(endpoint, timeout)
-    return backend
+    return load()(endpoint, timeout)
 
 
 def guest_backend_for(endpoint: Endpoint, timeout: float = 10.0, option: str = "uri") -> GuestBackend:
