@@ -122,8 +122,9 @@ def _apply(backend: GuestBackend, plan: GuestPlan, placement: Placement, options
         backend.start_guest(current)
     elif plan.power == "stop":
         backend.stop_guest(current, options.shutdown_timeout, options.plan.force)
+        backend.apply_offline(current, plan)
     elif plan.power == "restart":
-        backend.restart_guest(current, options.shutdown_timeout, options.plan.force)
+        backend.restart_guest(current, options.shutdown_timeout, options.plan.force, plan)
 
 
 def converge(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,

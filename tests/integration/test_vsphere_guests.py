@@ -56,7 +56,8 @@ def vms(lab: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
         return {vm.name: {"power": vm.runtime.powerState, "cpu_hot_add": vm.config.cpuHotAddEnabled,
                           "memory_hot_add": vm.config.memoryHotAddEnabled,
                           "extra": {o.key: o.value for o in vm.config.extraConfig},
-                          "compute": vm.resourcePool.parent.name if vm.resourcePool else None}
+                          "compute": vm.resourcePool.parent.name if vm.resourcePool else None,
+                          "instance_uuid": vm.config.instanceUuid, "moid": vm._moId}
                 for vm in view.view}
 
 
@@ -77,36 +78,57 @@ def datastore_files(lab: dict[str, Any], where: str, directory: str) -> list[str
         return sorted(f.path for f in task.info.result.file or [])
 
 
-def clean(lab: dict[str, Any], where: str) -> None:
-    """Destroy every test VM and delete every test directory left on the datastore."""
+def clean(lab: dict[str, Any], where: str, names: list[str]) -> None:
+    """Destroy the VMs named NAMES and delete their files and directories (vcsim names a second directory of a
+    name 'NAME (0)'), leaving everything else in the lab (the demo's guests, other tests') alone."""
     from pyVmomi import vim
 
+    if not names:
+        return
     with backend_for(lab, where) as backend:
         content = backend._login()
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
         for vm in view.view:
-            if vm.name.startswith(PREFIX):
+            if vm.name in names:
                 if vm.runtime.powerState != "poweredOff":
-                    vm.PowerOffVM_Task()
-                vm.Destroy_Task()
+                    wait(vm.PowerOffVM_Task())
+                wait(vm.Destroy_Task())
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
         datastore = next(ds for ds in view.view if ds.name == DATASTORE)
-        task = datastore.browser.SearchDatastore_Task(f"[{DATASTORE}]",
-                                                      vim.host.DatastoreBrowser.SearchSpec(matchPattern=[PREFIX + "*"]))
-        while task.info.state in ("queued", "running"):
-            time.sleep(0.05)
+        task = datastore.browser.SearchDatastore_Task(f"[{DATASTORE}]", vim.host.DatastoreBrowser.SearchSpec(
+            matchPattern=[n + "*" for n in names]))
+        wait(task)
         dcs = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datacenter], True).view
         for info in (task.info.result.file or []) if task.info.state == "success" else []:
+            # Not waited for: vcsim's task names the FileManager as its entity, which pyVmomi cannot read.
             content.fileManager.DeleteDatastoreFile_Task(f"[{DATASTORE}] {info.path}", dcs[0])
+
+
+def wait(task: Any) -> Any:
+    while task.info.state in ("queued", "running"):
+        time.sleep(0.05)
+    return task.info
 
 
 @pytest.fixture()
 def names(lab: dict[str, Any]) -> Iterator[Any]:
-    """Unique guest names; every test VM and file is removed afterwards, whatever happened."""
+    """Unique guest names; the test's VMs and files (only those) are removed afterwards, whatever happened."""
     token = uuid.uuid4().hex[:6]
-    yield lambda label: f"{PREFIX}{label}-{token}"
+    made: list[str] = []
+
+    def name(label: str) -> str:
+        made.append(f"{PREFIX}{label}-{token}")
+        return made[-1]
+
+    yield name
     for where in ("vcenter", "esx01"):
-        clean(lab, where)
+        clean(lab, where, made)
+
+
+@pytest.fixture()
+def owner() -> str:
+    """An owner id of this test alone: an exclusive run prunes only what this test created."""
+    return f"vftest-{uuid.uuid4().hex[:8]}"
 
 
 def guest(name: str, **extra: Any) -> dict[str, Any]:
@@ -142,6 +164,7 @@ def test_lifecycle_on_a_vcenter_cluster(lab: dict[str, Any], names: Any) -> None
     vm = vms(lab, where)[name]
     assert vm["cpu_hot_add"] and vm["memory_hot_add"]
     assert vm["extra"]["virtfleet.owner"] == "virtfleet.core"
+    assert vm["extra"]["virtfleet.owner.uuid"] == vm["instance_uuid"]  # the mark names the VM it is on
     assert vm["extra"]["guestinfo.userdata.encoding"] == "base64"
     assert vm["extra"]["guestinfo.metadata.encoding"] == "base64"
     assert vm["compute"] == "DC0_C0"
@@ -185,17 +208,19 @@ def test_lifecycle_on_a_vcenter_cluster(lab: dict[str, Any], names: Any) -> None
 
 
 def test_remove_storage_deletes_only_created_disks_and_exclusive_spares_foreign_vms(
-        lab: dict[str, Any], names: Any) -> None:
+        lab: dict[str, Any], names: Any, owner: str) -> None:
     where, placement = "esx01", Placement()
     keep, drop = names("keep"), names("drop")
-    results = run(lab, where, placement, [guest(keep), guest(drop, disks=[{"name": "root", "size_gib": 1}])])
-    unowned = {n for n, vm in vms(lab, where).items() if vm["extra"].get("virtfleet.owner") != "virtfleet.core"}
+    results = run(lab, where, placement, [guest(keep), guest(drop, disks=[{"name": "root", "size_gib": 1}])],
+                  owner=owner)
+    unowned = {n for n, vm in vms(lab, where).items() if vm["extra"].get("virtfleet.owner") != owner}
     assert [r.action for r in results] == ["create", "create"] and not any(r.failed for r in results)
     assert f"{drop}_root.vmdk" in datastore_files(lab, where, drop)
 
-    # Exclusive: guests owned by this collection and not listed go (here with their storage); the
-    # simulator's own VMs (ha-host_VM0, ...) carry no ownership tag and stay.
-    results = run(lab, where, placement, [guest(keep)], exclusive=True, plan=PlanOptions(remove_storage=True))
+    # Exclusive: guests owned by this owner and not listed go (here with their storage); the simulator's own
+    # VMs (ha-host_VM0, ...) carry no ownership mark, and other owners' guests (the demo's) are not this run's.
+    results = run(lab, where, placement, [guest(keep)], exclusive=True, plan=PlanOptions(remove_storage=True),
+                  owner=owner)
     by_name = {r.name: r for r in results}
     assert by_name[keep].action == "none"
     assert by_name[drop].action == "remove" and not by_name[drop].failed

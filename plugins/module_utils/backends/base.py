@@ -6,7 +6,7 @@ registry (backends/__init__.py). This file imports neither the planner nor a con
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, List, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Tuple, TypeVar
 
 from .._changes import BackendDefaults, GuestPlan
 from .._endpoints import Endpoint
@@ -85,7 +85,8 @@ class GuestBackend(HypervisorBackend):
 
     @abc.abstractmethod
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
-        """Apply PLAN.changes: changes marked live also to the running guest, all to the persistent config."""
+        """Apply PLAN.changes. On a running guest the live ones reach it now; the others are written to the
+        persistent definition where the backend keeps one (libvirt), else wait for apply_offline (vSphere)."""
 
     @abc.abstractmethod
     def start_guest(self, current: GuestState) -> None:
@@ -95,10 +96,18 @@ class GuestBackend(HypervisorBackend):
     def stop_guest(self, current: GuestState, timeout: float, force: bool) -> None:
         """ACPI/guest shutdown, wait up to TIMEOUT; then power off if FORCE, else raise EndpointError."""
 
-    def restart_guest(self, current: GuestState, timeout: float, force: bool) -> None:
-        """Stop then start. Backends that can record it mark the guest first, so that a run killed (or failing)
-        between the stop and the start leaves a guest the next run starts again (GuestState.interrupted_restart)."""
+    def apply_offline(self, current: GuestState, plan: GuestPlan) -> None:  # noqa: B027 - optional step
+        """Apply PLAN's changes that need the guest powered off, once it is. An explicit step of its own, called
+        after a stop (state: stopped, or within restart_guest): a backend that keeps a persistent definition
+        (libvirt) has already written them in update_guest and has nothing to do here."""
+
+    def restart_guest(self, current: GuestState, timeout: float, force: bool, plan: Optional[GuestPlan] = None) -> None:
+        """Stop, apply PLAN's offline changes, start. Backends that can record it mark the guest first, so that a run
+        killed (or failing) between the stop and the start leaves a guest the next run starts again
+        (GuestState.interrupted_restart); start_guest clears that mark."""
         self.stop_guest(current, timeout, force)
+        if plan is not None:
+            self.apply_offline(current, plan)
         self.start_guest(current)
 
     @abc.abstractmethod

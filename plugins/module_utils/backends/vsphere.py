@@ -27,7 +27,8 @@ import ssl
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+import uuid as _uuid
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Set, Tuple
 
 from .._endpoints import Credentials, Endpoint
 from .._errors import ConfigError, EndpointError, MissingLibraryError, one_line
@@ -53,7 +54,7 @@ from .._model import (
     gib,
     mib,
 )
-from .._plan import BackendDefaults, GuestPlan
+from .._plan import BackendDefaults, Change, GuestPlan
 from . import _vsphere_raw
 from .base import GuestBackend
 
@@ -102,19 +103,18 @@ INVENTORY_PROPS = [("HostSystem", HOST_PROPS), ("Datastore", DATASTORE_PROPS), (
                    ("ClusterComputeResource", PARENT_PROPS), ("ContainerView", ["view"])]
 
 _POWER = {"poweredOn": "running", "poweredOff": "stopped", "suspended": "suspended"}
+# The clock and sleep of task waits (tests replace them with a fake clock).
+_monotonic = time.monotonic
+_sleep = time.sleep
 _SERIAL_KEYS = ("SerialNumberTag", "ServiceTag", "EnclosureSerialNumberTag")
 
 
-@functools.lru_cache(maxsize=2)
-def _ssl_context(validate: bool) -> ssl.SSLContext:
-    """One TLS context per process and mode, shared by every endpoint: loading the system CA store took
-    ~45 ms per endpoint (half of a small ESXi's discovery, profiled), and a context is safe to share."""
-    if validate:
-        return ssl.create_default_context()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # validate_certs: false, the user's explicit choice
-    return ctx
+@functools.lru_cache(maxsize=8)
+def _ssl_context(validate: bool, ca_path: Optional[str] = None) -> ssl.SSLContext:
+    """The shared TLS context for VALIDATE and CA_PATH: one per process and setting (see tls_context)."""
+    from .._endpoints import tls_context
+
+    return tls_context(validate, ca_path)
 
 
 def _bus(controller: Any) -> Optional[str]:
@@ -136,9 +136,22 @@ def _bus_of_type(name: Optional[str]) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------- guest convergence
 # Bookkeeping in extraConfig: ownership, tags (TAG_PREFIX), the disks this collection created (name -> its
-# backing file) and the digest of the cloud-init documents last written.
+# backing file), disks it reused (kept from an earlier guest of the name: named, not created) and the digest of
+# the cloud-init documents last written.
+#
+# The ownership mark is the owner id plus the VM's config.instanceUuid it was written on. A clone, a VM deployed
+# from a template and a registered copy of the files copy extraConfig, and vCenter gives each of them a new
+# instanceUuid (it keeps instance UUIDs unique in its inventory; the user cannot ask for a duplicate the way
+# `uuid` (config.uuid, the BIOS UUID) can be set in a clone spec or kept by "I moved it"). So the BIOS uuid is
+# not used: only the instance UUID tells the VM the mark was written on from its copies. The mark is written
+# by CreateVM itself (the ConfigSpec carries an instanceUuid chosen here), so no VM of ours ever exists unmarked.
 OWNER_KEY = "virtfleet.owner"
+OWNER_UUID_KEY = "virtfleet.owner.uuid"
 DISK_PREFIX = "virtfleet.disk."
+KEPT_PREFIX = "virtfleet.kept."
+# Set (to the VM's instanceUuid) before the stop of a restart, cleared after the start: found on a powered-off
+# VM, it means a run stopped the guest and did not get to start it again.
+RESTARTING_KEY = "virtfleet.restarting"
 CLOUD_INIT_DIGEST_KEY = "virtfleet.cloud_init.digest"
 GUEST_ID = "otherLinux64Guest"
 VSPHERE_DISK_BUSES = ("scsi", "sata", "nvme", "ide")
@@ -150,8 +163,16 @@ _UNITS = {"scsi": [u for u in range(16) if u != 7], "sata": list(range(30)), "nv
 GUEST_VM_PROPS = [
     "name", "parent", "config.uuid", "config.template", "config.firmware", "config.hardware.numCPU",
     "config.hardware.memoryMB", "config.hardware.device", "config.extraConfig", "config.cpuHotAddEnabled",
-    "config.memoryHotAddEnabled", "config.files.vmPathName", "runtime.powerState", "runtime.host",
+    "config.memoryHotAddEnabled", "config.files.vmPathName", "config.instanceUuid", "runtime.powerState",
+    "runtime.host", "resourcePool",
 ]
+# A task that writes a disk (eager-zeroed or thick) may take long on real storage: its wait is bounded by this,
+# plus DISK_SECONDS_PER_GIB per GiB written (about 17 MiB/s: far slower than any datastore that works). Other
+# tasks get TASK_BOUND. Each poll has the connection timeout; the task's own state decides in between.
+TASK_BOUND = 3600.0
+DISK_SECONDS_PER_GIB = 60.0
+# Faults that say another object holds the name or the file: whatever exists is not this call's to clean up.
+_NOT_OURS_FAULTS = ("DuplicateName", "FileAlreadyExists", "AlreadyExists")
 
 
 def _nic_network(backing: Any, networks: Dict[str, str]) -> Optional[str]:
@@ -314,6 +335,10 @@ class _Target:
     default_datastore: Optional[str]
     networks: Dict[str, str]  # name -> network moid, as the target hosts see them
     why_no_pool: str = ""
+    # What the user placed guests in (moids; None = not given): only VMs under these are in scope.
+    scope_hosts: Optional[Set[str]] = None  # cluster / esxi_host: the hosts a VM must run on
+    scope_folder: Optional[str] = None  # folder: a VM must be in this folder's subtree
+    scope_pool: Optional[str] = None  # resource_pool: a VM must be in this pool (or a pool below it)
 
 
 class _Slots:
@@ -364,6 +389,63 @@ def _new_keys() -> Iterator[int]:
         key -= 1
 
 
+@dataclasses.dataclass
+class _Build:
+    """One ConfigSpec being built (a create or a reconfigure) and what goes with it, passed to the one function
+    per change kind that adds to it. Lives for one call."""
+
+    guest: str
+    slots: _Slots
+    keys: Iterator[int]
+    vm_ds: Optional[str]  # the VM's datastore, and its directory there
+    vm_dir: str
+    networks: Dict[str, str]  # network name -> moid, as the VM's host(s) see them
+    kept: Dict[str, Optional[float]]  # disk files already at this guest's disk paths -> GiB (None: unknown)
+    changes: List[Any]  # device changes (shared with SLOTS, which adds controllers)
+    extra: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    dirs: Set[str] = dataclasses.field(default_factory=set)  # directories to make first
+    created: List[str] = dataclasses.field(default_factory=list)  # disks whose files this spec creates
+    grow: Dict[str, float] = dataclasses.field(default_factory=dict)  # reused files to grow afterwards -> GiB
+    config: Any = None
+    # reconfigure only: the VM's disks by name, its NICs, the NICs after the plan, NICs replaced (model change)
+    disks: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    nics: List[Any] = dataclasses.field(default_factory=list)
+    after_nics: Dict[str, NicSpec] = dataclasses.field(default_factory=dict)
+    after: Optional[GuestSpec] = None
+    replaced: Set[Optional[str]] = dataclasses.field(default_factory=set)
+
+    @classmethod
+    def new(cls, guest: str, devices: List[Any], vm_ds: Optional[str], vm_dir: str, networks: Dict[str, str],
+            kept: Dict[str, Optional[float]]) -> _Build:
+        changes: List[Any] = []
+        keys = _new_keys()
+        return cls(guest=guest, slots=_Slots(devices, changes, keys), keys=keys, vm_ds=vm_ds, vm_dir=vm_dir,
+                   networks=networks, kept=kept, changes=changes)
+
+    def config_and_dirs(self) -> Tuple[Any, Set[str]]:
+        self.config.deviceChange = self.changes
+        self.config.extraConfig = [vim.option.OptionValue(key=k, value=v) for k, v in self.extra]
+        return self.config, self.dirs
+
+
+def _written_gib(config: Any) -> float:
+    """GiB a ConfigSpec's task writes, generously: the whole size of every non-thin disk it creates or grows."""
+    total = 0.0
+    for change in getattr(config, "deviceChange", None) or []:
+        dev = change.device
+        if isinstance(dev, vim.vm.device.VirtualDisk) and (change.fileOperation == "create"
+                                                           or change.operation == "edit"):
+            if not getattr(dev.backing, "thinProvisioned", False):
+                total += (dev.capacityInKB or 0) / 1024 / 1024
+    return total
+
+
+def _moid_order(moid: str) -> Tuple[int, str]:
+    """Creation order of VM morefs ('vm-12' before 'vm-103'): vCenter and vcsim number them as they come."""
+    tail = moid.rsplit("-", 1)[-1]
+    return (int(tail) if tail.isdigit() else 1 << 62, moid)
+
+
 class VsphereBackend(GuestBackend):
     api = "vsphere"
     defaults = BackendDefaults(disk_format="thin", disk_bus="scsi", nic_model="vmxnet3", mac_prefix="00:50:56",
@@ -378,17 +460,16 @@ class VsphereBackend(GuestBackend):
         self._soap_session: Optional[Tuple[_vsphere_raw.Session, _vsphere_raw.ServiceContent]] = None
         self._soap_logged_in = False
         # Guest convergence: the bulk read (dropped by every mutator), resolved placements (the inventory
-        # tree does not change under us), each VM's raw properties as last read (devices to edit), and
-        # changes that must wait until the guest is powered off.
+        # tree does not change under us) and each VM's raw properties as last read (devices to edit).
         self._lock = threading.Lock()
         self._snap: Optional[_Snapshot] = None
         self._targets: Dict[Tuple[Any, ...], _Target] = {}
         self._vms: Dict[str, Dict[str, Any]] = {}
-        self._pending: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ connection
     def _ssl_context(self) -> ssl.SSLContext:
-        return _ssl_context(bool(self.endpoint.credentials.validate_certs))
+        creds = self.endpoint.credentials
+        return _ssl_context(bool(creds.validate_certs), creds.ca_path)
 
     def _fail(self, exc: BaseException) -> EndpointError:
         """Turn whatever pyVmomi or the network raised into one line naming the endpoint."""
@@ -724,10 +805,13 @@ class VsphereBackend(GuestBackend):
         except Exception as exc:  # noqa: BLE001 - SOAP faults and network errors all become one line
             raise self._guest_error(name, what, exc) from None
 
-    def _wait(self, task: Any, name: str, what: str) -> Any:
-        """Poll a task until it ends (few calls: the delay doubles up to 1s), bounded by max(60, 6 x timeout)."""
-        bound = max(60.0, self.timeout * 6)
-        deadline = time.monotonic() + bound
+    def _wait(self, task: Any, name: str, what: str, written_gib: float = 0.0) -> Any:
+        """Poll a task until vSphere says it ended (few calls: the delay doubles up to 1s). Each poll is one call
+        under the connection timeout; the task itself may run as long as it needs: a large eager-zeroed disk
+        takes minutes to hours. Only a task that never ends is given up on, after TASK_BOUND plus
+        DISK_SECONDS_PER_GIB per GiB the task writes (WRITTEN_GIB), with the task still running on vSphere."""
+        bound = TASK_BOUND + DISK_SECONDS_PER_GIB * written_gib
+        deadline = _monotonic() + bound
         delay = 0.05
         while True:
             info = self._invoke(name, what, getattr, task, "info")
@@ -736,13 +820,16 @@ class VsphereBackend(GuestBackend):
                 return info.result
             if state == "error":
                 raise EndpointError(self.endpoint.label, f"guest {name!r}: {what} failed: {_fault_text(info.error)}")
-            if time.monotonic() >= deadline:
-                raise EndpointError(self.endpoint.label, f"guest {name!r}: {what} still {state} after {bound:g}s")
-            time.sleep(delay)
+            if _monotonic() >= deadline:
+                progress = getattr(info, "progress", None)
+                raise EndpointError(self.endpoint.label, f"guest {name!r}: {what} still {state} after {bound:g}s"
+                                    + (f" ({progress}% done)" if progress is not None else "")
+                                    + "; the task goes on in vSphere")
+            _sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _task(self, name: str, what: str, method: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._wait(self._invoke(name, what, method, *args, **kwargs), name, what)
+    def _task(self, name: str, what: str, method: Any, *args: Any, written_gib: float = 0.0, **kwargs: Any) -> Any:
+        return self._wait(self._invoke(name, what, method, *args, **kwargs), name, what, written_gib)
 
     def _invalidate(self) -> None:
         with self._lock:
@@ -760,7 +847,7 @@ class VsphereBackend(GuestBackend):
             compute = ["name", "parent", "resourcePool", "host"]
             props: List[Tuple[Any, List[str]]] = [
                 (vim.HostSystem, ["name", "parent", "datastore", "network", "summary.hardware"]),
-                (vim.Datastore, ["name"]),
+                (vim.Datastore, ["name", "browser"]),
                 (vim.Network, ["name"]),
                 (vim.dvs.DistributedVirtualPortgroup, ["name", "key", "config.distributedVirtualSwitch"]),
                 (vim.DistributedVirtualSwitch, ["uuid"]),
@@ -856,17 +943,47 @@ class VsphereBackend(GuestBackend):
             why = (f"datacenter {snap.name(dc)!r} has {len(computes)} clusters/hosts; set cluster or esxi_host "
                    "to say where new guests go")
         folder = snap.props[dc].get("vmFolder")
+        scope_folder = None
         if placement.folder and folder is not None:
-            folder = snap.refs[self._folder(snap, dc, folder._moId, placement.folder)]
+            scope_folder = self._folder(snap, dc, folder._moId, placement.folder)
+            folder = snap.refs[scope_folder]
         datastores, networks = self._visible(snap, hosts)
         if placement.pool and placement.pool not in datastores:
             raise ConfigError("pool", placement.pool, f"no such datastore on the target host(s) (known: "
                                                       f"{', '.join(datastores) or 'none'})")
         shared = sorted(set.intersection(*[self._datastores(snap, h) for h in hosts])) if hosts else []
         default = placement.pool or (shared[0] if shared else (datastores[0] if datastores else None))
+        scope_hosts = set(hosts) if placement.cluster or placement.esxi_host else None
         return _Target(datacenter=dc, folder=folder, pool=snap.refs.get(pool) if pool else None,
                        host=snap.refs[host] if host else None, hosts=hosts, datastores=datastores,
-                       default_datastore=default, networks=networks, why_no_pool=why)
+                       default_datastore=default, networks=networks, why_no_pool=why, scope_hosts=scope_hosts,
+                       scope_folder=scope_folder, scope_pool=pool if placement.resource_pool else None)
+
+    @staticmethod
+    def _in_scope(snap: _Snapshot, target: _Target, moid: str, props: Dict[str, Any]) -> bool:
+        """Whether a VM is inside what the user placed guests in (see _Target.scope_*)."""
+        if target.scope_hosts is not None:
+            host = props.get("runtime.host")
+            if host is None or host._moId not in target.scope_hosts:
+                return False
+        if target.scope_folder is not None and not VsphereBackend._below(snap, snap.parent(moid), target.scope_folder):
+            return False
+        if target.scope_pool is not None:
+            pool = props.get("resourcePool")
+            if pool is None or not VsphereBackend._below(snap, pool._moId, target.scope_pool):
+                return False
+        return True
+
+    @staticmethod
+    def _below(snap: _Snapshot, moid: Optional[str], top: str) -> bool:
+        """MOID is TOP or inside it (walking parents)."""
+        seen = 0
+        while moid is not None and seen < 64:
+            if moid == top:
+                return True
+            moid = snap.parent(moid)
+            seen += 1
+        return False
 
     @staticmethod
     def _datastores(snap: _Snapshot, host: str) -> Set[str]:
@@ -956,15 +1073,18 @@ class VsphereBackend(GuestBackend):
             if where != target.datacenter:
                 continue
             hardware = snap.props.get(host._moId, {}).get("summary.hardware") if host is not None else None
-            states.append(self._state(snap.refs[moid], props, networks, getattr(hardware, "numCpuThreads", None),
-                                      mib(getattr(hardware, "memorySize", None))))
+            state = self._state(snap.refs[moid], props, networks, getattr(hardware, "numCpuThreads", None),
+                                mib(getattr(hardware, "memorySize", None)))
+            state.in_scope = self._in_scope(snap, target, moid, props)
+            states.append(state)
         return sorted(states, key=lambda s: s.spec.name)
 
     @staticmethod
     def _disks(props: Dict[str, Any], extra: Dict[str, str]) -> List[Tuple[str, Any]]:
         """(name, device) of every disk in a stable order: by controller, then unit. A disk this collection
         created is named by its extraConfig record, any other disk by its label."""
-        records = {v: k[len(DISK_PREFIX):] for k, v in extra.items() if k.startswith(DISK_PREFIX)}
+        records = {v: k[len(prefix):] for prefix in (KEPT_PREFIX, DISK_PREFIX)
+                   for k, v in extra.items() if k.startswith(prefix)}
         disks = [d for d in props.get("config.hardware.device") or [] if isinstance(d, vim.vm.device.VirtualDisk)]
         disks.sort(key=lambda d: (d.controllerKey or 0, d.unitNumber or 0, d.key))
         out = []
@@ -980,6 +1100,10 @@ class VsphereBackend(GuestBackend):
         extra = _extra_config(props.get("config.extraConfig"))
         devices = props.get("config.hardware.device") or []
         by_key = {d.key: d for d in devices}
+        # The mark counts only on the VM it was written on (see OWNER_UUID_KEY); a copy owns nothing, and
+        # neither the disks its records name.
+        instance_uuid = (props.get("config.instanceUuid") or "").lower()
+        marked_here = bool(instance_uuid) and extra.get(OWNER_UUID_KEY, "").lower() == instance_uuid
         disks, created = [], []
         for name, dev in self._disks(props, extra):
             size = getattr(dev, "capacityInBytes", None) or (dev.capacityInKB or 0) * 1024
@@ -987,7 +1111,7 @@ class VsphereBackend(GuestBackend):
             disks.append(DiskSpec(name=name, size_gib=gib(size), pool=_datastore_of(file_name),
                                   format=_disk_format(dev.backing), source=None,
                                   bus=_bus(by_key.get(dev.controllerKey))))
-            if extra.get(DISK_PREFIX + name) == file_name:
+            if marked_here and extra.get(DISK_PREFIX + name) == file_name:
                 created.append(name)
         nics = [NicSpec(network=_nic_network(d.backing, networks) or "", mac=(d.macAddress or "").lower() or None,
                         model=_nic_model(d))
@@ -1008,11 +1132,14 @@ class VsphereBackend(GuestBackend):
             autostart=False,
             tags={k[len(TAG_PREFIX):]: v for k, v in extra.items() if k.startswith(TAG_PREFIX)},
         )
+        power_state = _POWER.get(str(props.get("runtime.powerState")), "unknown")
         return GuestState(
             spec=spec,
-            power_state=_POWER.get(str(props.get("runtime.powerState")), "unknown"),
-            owned=extra.get(OWNER_KEY) == OWNER_TAG,
+            power_state=power_state,
+            owner=extra.get(OWNER_KEY) if marked_here else None,
             created_disks=created,
+            interrupted_restart=power_state == "stopped" and bool(instance_uuid)
+            and extra.get(RESTARTING_KEY, "").lower() == instance_uuid,
             # Guests this collection creates have CPU and memory hot-add on: growth up to the host is live.
             max_vcpus=host_cpus if props.get("config.cpuHotAddEnabled") and host_cpus else vcpus,
             max_memory_mib=host_mib if props.get("config.memoryHotAddEnabled") and host_mib else memory,
@@ -1068,95 +1195,291 @@ class VsphereBackend(GuestBackend):
         return vim.vm.device.VirtualDeviceSpec(operation="add", device=device)
 
     @staticmethod
-    def _disk_add(disk: DiskSpec, key: int, slot: Tuple[int, int], file_name: str) -> Any:
+    def _disk_add(disk: DiskSpec, key: int, slot: Tuple[int, int], file_name: str, create: bool = True) -> Any:
+        """A new disk's device spec: CREATE its file, or attach the file already there (a kept disk)."""
         backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
             diskMode="persistent", fileName=file_name, thinProvisioned=disk.format == "thin",
             eagerlyScrub=disk.format == "eagerzeroedthick")
         kib = _kib(disk.size_gib)
         device = vim.vm.device.VirtualDisk(key=key, controllerKey=slot[0], unitNumber=slot[1], capacityInKB=kib,
                                            capacityInBytes=kib * 1024, backing=backing)
-        return vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=device)
+        return vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create" if create else None,
+                                               device=device)
 
-    def _make_dirs(self, name: str, datacenter: Any, paths: Set[str]) -> None:
-        """A disk on another datastore than the VM's needs its directory there first (vSphere does not create it)."""
+    def _make_dirs(self, name: str, datacenter: Any, paths: Set[str]) -> Set[str]:
+        """Make the directories of disks away from the VM's datastore (vSphere does not create them). Returns
+        those this call made: one that was there already (a kept disk's, another run's) is not ours to delete."""
+        made: Set[str] = set()
         if not paths:
-            return
+            return made
         file_manager = self._login().fileManager
         for path in sorted(paths):
             try:
                 self._invoke(name, "creating directory " + path, file_manager.MakeDirectory, path,
                              datacenter, True)
+                made.add(path)
             except EndpointError as exc:
                 if "FileAlreadyExists" not in str(exc) and "already exists" not in str(exc):
                     raise
+        return made
 
-    def _new_disk(self, guest: str, disk: DiskSpec, pool: str, vm_ds: Optional[str], vm_dir: str, slots: _Slots,
-                  keys: Iterator[int], changes: List[Any], extra: List[Tuple[str, str]], dirs: Set[str]) -> None:
-        """Add the device spec of a new disk, its extraConfig record and (off the VM's datastore) the
-        directory to make. The file name is ours, so the record needs no read after creation."""
+    @staticmethod
+    def _disk_file(guest: str, disk: str, pool: str, vm_ds: Optional[str], vm_dir: str) -> str:
+        """Where this collection puts disk DISK of GUEST: in the VM's directory on the VM's datastore, else in a
+        directory named like the guest. The one rule for creating, reusing (kept disks) and finding them."""
         directory = vm_dir if pool == vm_ds else guest
-        if pool != vm_ds:
-            dirs.add(f"[{pool}] {guest}")
-        file_name = f"[{pool}] {directory}/{guest}_{disk.name}.vmdk"
-        try:
-            slot = slots.take(disk.bus or self.defaults.disk_bus)
-        except ValueError as exc:
-            raise ConfigError(f"guest {guest!r} disks", disk.name, str(exc)) from None
-        changes.append(self._disk_add(disk, next(keys), slot, file_name))
-        extra.append((DISK_PREFIX + disk.name, file_name))
+        return f"[{pool}] {directory}/{guest}_{disk}.vmdk"
 
-    def create_config(self, spec: GuestSpec, target: _Target) -> Tuple[Any, Set[str]]:
-        """The ConfigSpec of a new guest, and the directories to make first (disks on other datastores)."""
+    def _new_disk(self, build: _Build, disk: DiskSpec, pool: str) -> None:
+        """Add the device spec of a new disk and its extraConfig record, and (off the VM's datastore) the
+        directory to make. A file already at the disk's path (KEPT, from an earlier guest of this name removed
+        without remove_storage) is attached instead of created: recorded as reused, never as created. The file
+        name is ours, so the record needs no read after creation."""
+        if pool != build.vm_ds:
+            build.dirs.add(f"[{pool}] {build.guest}")
+        file_name = self._disk_file(build.guest, disk.name, pool, build.vm_ds, build.vm_dir)
+        try:
+            slot = build.slots.take(disk.bus or self.defaults.disk_bus)
+        except ValueError as exc:
+            raise ConfigError(f"guest {build.guest!r} disks", disk.name, str(exc)) from None
+        reused = file_name in build.kept
+        build.changes.append(self._disk_add(disk, next(build.keys), slot, file_name, create=not reused))
+        build.extra.append(((KEPT_PREFIX if reused else DISK_PREFIX) + disk.name, file_name))
+        kept = build.kept.get(file_name)
+        if reused and kept is not None and (disk.size_gib or 0) > kept + 0.005:
+            build.grow[file_name] = disk.size_gib or 0.0  # attached at its size, grown right after
+        if not reused:
+            build.created.append(disk.name)
+
+    def create_config(self, spec: GuestSpec, target: _Target, owner: str = OWNER_TAG,
+                      instance_uuid: Optional[str] = None, kept: Optional[Dict[str, Optional[float]]] = None
+                      ) -> Tuple[Any, Set[str]]:
+        """The ConfigSpec of a new guest, and the directories to make first (disks on other datastores).
+        OWNER's mark names INSTANCE_UUID, which the spec gives the VM. KEPT: disk files already at this guest's
+        disk paths -> their GiB (None: unknown), attached instead of created."""
+        return self._create_build(spec, target, owner, instance_uuid, kept or {}).config_and_dirs()
+
+    def _create_build(self, spec: GuestSpec, target: _Target, owner: str, instance_uuid: Optional[str],
+                      kept: Dict[str, Optional[float]]) -> _Build:
         vm_ds = (spec.disks[0].pool if spec.disks else None) or target.default_datastore
         if not vm_ds:
             raise ConfigError(f"guest {spec.name!r} pool", None, "no datastore given and the host has none")
-        changes: List[Any] = []
-        keys = _new_keys()
         # IDE controllers 200/201 are default devices of every new VM.
         ide = [vim.vm.device.VirtualIDEController(key=200), vim.vm.device.VirtualIDEController(key=201)]
-        slots = _Slots(ide, changes, keys)
-        extra: List[Tuple[str, str]] = [(OWNER_KEY, OWNER_TAG)]
-        dirs: Set[str] = set()
+        build = _Build.new(spec.name, ide, vm_ds, spec.name, target.networks, kept)
+        build.extra.append((OWNER_KEY, owner))
+        if instance_uuid:
+            build.extra.append((OWNER_UUID_KEY, instance_uuid))
         for disk in spec.disks or []:
-            self._new_disk(spec.name, disk, disk.pool or vm_ds, vm_ds, spec.name, slots, keys, changes, extra, dirs)
+            self._new_disk(build, disk, disk.pool or vm_ds)
         for nic in spec.nics or []:
-            changes.append(self._nic_add(nic, next(keys), target.networks))
-        extra += [(TAG_PREFIX + k, v) for k, v in sorted((spec.tags or {}).items())]
+            build.changes.append(self._nic_add(nic, next(build.keys), target.networks))
+        build.extra += [(TAG_PREFIX + k, v) for k, v in sorted((spec.tags or {}).items())]
         if spec.cloud_init is not None:
-            extra += _cloud_init_options(spec.cloud_init, clear=False)
-        config = vim.vm.ConfigSpec(
+            build.extra += _cloud_init_options(spec.cloud_init, clear=False)
+        build.config = vim.vm.ConfigSpec(
             name=spec.name, numCPUs=spec.vcpus or 1, memoryMB=spec.memory_mib or 1024,
             firmware="efi" if spec.firmware == "uefi" else "bios", guestId=GUEST_ID,
             # Hot-add on, so that growing vCPUs and memory later is live (the planner reads max_vcpus/max_memory).
             cpuHotAddEnabled=True, memoryHotAddEnabled=True,
-            files=vim.vm.FileInfo(vmPathName=f"[{vm_ds}]"), deviceChange=changes,
-            extraConfig=[vim.option.OptionValue(key=k, value=v) for k, v in extra])
+            files=vim.vm.FileInfo(vmPathName=f"[{vm_ds}]"))
         if spec.uuid:
-            config.uuid = spec.uuid
-        return config, dirs
+            build.config.uuid = spec.uuid
+        if instance_uuid:
+            build.config.instanceUuid = instance_uuid
+        return build
+
+    # ------------------------------------------------------------------ kept disks
+    def _disk_paths(self, spec: GuestSpec, target: _Target) -> Dict[str, str]:
+        """disk name -> the file a new disk of SPEC would get (for a guest that exists: in its directory)."""
+        snap = self._snapshot()
+        same = [m for m in snap.of(vim.VirtualMachine) if snap.props[m].get("name") == spec.name
+                and not snap.props[m].get("config.template")]
+        vm_ds, vm_dir, have = (spec.disks[0].pool if spec.disks else None) or target.default_datastore, spec.name, set()
+        if len(same) > 1:
+            return {}  # ambiguous: the planner reports it
+        if same:
+            props = self._vms.get(same[0], snap.props[same[0]])
+            vmx = props.get("config.files.vmPathName") or ""
+            vm_ds = _datastore_of(vmx)
+            vm_dir = vmx.split("] ", 1)[-1].rsplit("/", 1)[0] if "/" in vmx else spec.name
+            have = {n for n, _dev in self._disks(props, _extra_config(props.get("config.extraConfig")))}
+        return {d.name: self._disk_file(spec.name, d.name, d.pool or target.default_datastore or "", vm_ds, vm_dir)
+                for d in spec.disks or [] if d.name not in have and (d.pool or target.default_datastore)}
+
+    def _existing_files(self, name: str, datacenter: Any, files: List[str]) -> Dict[str, Optional[float]]:
+        """Which of FILES exist -> their capacity in GiB (None when the datastore does not say: vcsim). One
+        SearchDatastore per directory, all started before the first is waited for."""
+        browsers = self._browsers()
+        by_dir: Dict[str, List[str]] = {}
+        for file_name in files:
+            by_dir.setdefault(file_name.rsplit("/", 1)[0], []).append(file_name)
+        tasks = []
+        for directory, names in sorted(by_dir.items()):
+            browser = browsers.get(_datastore_of(directory) or "")
+            if browser is None:
+                continue  # an unknown datastore is the planner's to report
+            query = vim.host.DatastoreBrowser.SearchSpec(
+                matchPattern=[n.rsplit("/", 1)[-1] for n in names], query=[vim.host.DatastoreBrowser.VmDiskQuery(
+                    details=vim.host.DatastoreBrowser.VmDiskQuery.Details(capacityKb=True))],
+                details=vim.host.DatastoreBrowser.FileInfo.Details(fileSize=True, fileType=True))
+            tasks.append((directory, self._invoke(name, "searching " + directory, browser.SearchDatastore_Task,
+                                                  directory, query)))
+        found: Dict[str, Optional[float]] = {}
+        for directory, task in tasks:
+            try:
+                result = self._wait(task, name, "searching " + directory)
+            except EndpointError as exc:
+                if "FileNotFound" in str(exc) or "not found" in str(exc).lower():
+                    continue  # no such directory: nothing kept there
+                raise
+            for info in getattr(result, "file", None) or []:
+                capacity = getattr(info, "capacityKb", None)
+                found[f"{directory}/{info.path}"] = capacity / 1024 / 1024 if capacity else None
+        return found
+
+    def _browsers(self) -> Dict[str, Any]:
+        """Datastore name -> its datastore browser, from the bulk read."""
+        snap = self._snapshot()
+        return {snap.name(m): snap.props[m]["browser"] for m in snap.of(vim.Datastore) if snap.props[m].get("browser")}
+
+    def _files_in_use(self) -> Dict[str, str]:
+        """Disk file -> the name of the VM it is attached to, over every VM of the last bulk read."""
+        snap = self._snapshot()
+        used: Dict[str, str] = {}
+        for moid in snap.of(vim.VirtualMachine):
+            for dev in snap.props[moid].get("config.hardware.device") or []:
+                file_name = getattr(getattr(dev, "backing", None), "fileName", None)
+                if isinstance(dev, vim.vm.device.VirtualDisk) and file_name:
+                    used.setdefault(file_name, snap.name(moid))
+        return used
+
+    def leftover_disks(self, specs: List[GuestSpec], placement: Placement) -> Dict[Tuple[str, str], float]:
+        """(guest, disk) -> GiB of a disk file at the path this collection would create for that disk, kept when
+        a guest of the name was removed without remove_storage: creating the disk attaches it (and grows it).
+        0.0 when the datastore does not report the size (vcsim). A file attached to another VM is refused."""
+        target = self._target(placement)
+        paths = {(s.name, disk): path for s in specs if s.state != "absent"
+                 for disk, path in self._disk_paths(s, target).items()}
+        if not paths:
+            return {}
+        datacenter = self._snapshot().refs.get(target.datacenter or "")
+        found = self._existing_files("leftover disks", datacenter, sorted(set(paths.values())))
+        used = self._files_in_use()
+        out: Dict[Tuple[str, str], float] = {}
+        for (guest, disk), path in paths.items():
+            if path not in found:
+                continue
+            holder = used.get(path)
+            if holder is not None and holder != guest:
+                raise ConfigError(f"guest {guest!r} disks", disk, f"its file {path} is attached to VM {holder!r}")
+            if holder is None:
+                out[(guest, disk)] = found[path] or 0.0
+        return out
 
     # ------------------------------------------------------------------ mutators
-    def create_guest(self, spec: GuestSpec, placement: Placement) -> GuestState:
+    def create_guest(self, spec: GuestSpec, placement: Placement, owner: str = OWNER_TAG) -> GuestState:
+        """CreateVM with the whole guest in one spec, marked as OWNER's on the instance UUID chosen here.
+
+        Create-exclusive: vSphere refuses a second VM of a name in one folder (DuplicateName); vcsim 0.24 does
+        not, so after CreateVM the folder's VMs of that name are read (one call) and, when another run made
+        one too, the VM created first stays and the other run's copy is removed by that run, which fails.
+        A failed CreateVM is rolled back by vSphere itself (the disk files it made go with it); the clean-up
+        here removes only directories this call made, and only when they are still empty."""
         target = self._target(placement)
         if target.pool is None:
             raise ConfigError("cluster", placement.cluster, target.why_no_pool or "no resource pool to create in")
-        config, dirs = self.create_config(spec, target)
         datacenter = self._snapshot().refs.get(target.datacenter or "")
+        instance_uuid = str(_uuid.uuid4())
+        # Decided now, from a fresh listing: which disk files are there to reuse.
+        kept = self._existing_files(spec.name, datacenter, sorted(self._disk_paths(spec, target).values()))
+        used = self._files_in_use()
+        kept = {f: size for f, size in kept.items() if f not in used}
+        build = self._create_build(spec, target, owner, instance_uuid, kept)
+        config, dirs = build.config_and_dirs()
+        browsers = self._browsers()
         self._invalidate()
-        self._make_dirs(spec.name, datacenter, dirs)
+        made = self._make_dirs(spec.name, datacenter, dirs)
         try:
             vm = self._task(spec.name, "CreateVM", target.folder.CreateVM_Task, config=config, pool=target.pool,
-                            host=target.host)
+                            host=target.host, written_gib=_written_gib(config))
         except EndpointError:
-            # vSphere rolls a failed CreateVM back itself; what is left is the directories made for it.
-            for path in dirs:
-                try:
-                    self._task(spec.name, "cleanup", self._login().fileManager.DeleteDatastoreFile_Task,
-                               path, datacenter)
-                except EndpointError:  # best effort: the creation error is what counts
-                    pass
+            self._remove_empty_dirs(spec.name, datacenter, browsers, made)
             raise
-        return GuestState(spec=spec, power_state="stopped", owned=True, ref=vm)
+        self._settle_create(spec.name, target, vm, instance_uuid, build)
+        if build.grow:
+            self._grow_files(spec.name, vm, build.grow)
+        return GuestState(spec=spec, power_state="stopped", owner=owner, created_disks=list(build.created), ref=vm)
+
+    def _remove_empty_dirs(self, name: str, datacenter: Any, browsers: Dict[str, Any], made: Set[str]) -> None:
+        """Best effort after a failed create: delete the directories this call made, if nothing is in them (a
+        run that found one there meanwhile may have put its disk in it)."""
+        for path in sorted(made):
+            try:
+                browser = browsers.get(_datastore_of(path) or "")
+                if browser is None:
+                    continue
+                listing = self._task(name, "listing " + path, browser.SearchDatastore_Task, path,
+                                     vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"]))
+                if getattr(listing, "file", None):
+                    continue
+                self._task(name, "clean-up of " + path, self._login().fileManager.DeleteDatastoreFile_Task,
+                           path, datacenter)
+            except EndpointError:  # best effort: the creation error is what counts
+                pass
+
+    def _settle_create(self, name: str, target: _Target, vm: Any, instance_uuid: str, build: _Build) -> None:
+        """After CreateVM: make sure this is the only VM of the name in its folder (vcsim does not refuse a
+        duplicate), and that the mark names the instance UUID the VM got (vCenter may pick another)."""
+        pc = vmodl.query.PropertyCollector
+        content = self._login()
+        spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=target.folder, skip=True, selectSet=[
+            pc.TraversalSpec(name="children", type=vim.Folder, path="childEntity", skip=False)])],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["name", "config.instanceUuid"])])
+        result = self._invoke(name, "reading the folder", content.propertyCollector.RetrievePropertiesEx,
+                              [spec], pc.RetrieveOptions())
+        same: Dict[str, str] = {}
+        while result is not None:
+            for obj in result.objects:
+                props = {p.name: p.val for p in obj.propSet}
+                if props.get("name") == name:
+                    same[obj.obj._moId] = str(props.get("config.instanceUuid") or "")
+            if not result.token:
+                break
+            result = self._invoke(name, "reading the folder", content.propertyCollector.ContinueRetrievePropertiesEx,
+                                  result.token)
+        others = sorted((m for m in same if m != vm._moId), key=_moid_order)
+        if others and _moid_order(others[0]) < _moid_order(vm._moId):
+            # Another run created this guest first: remove our copy (keeping the disks we only attached).
+            reused = [c.device for c in build.changes if isinstance(c.device, vim.vm.device.VirtualDisk)
+                      and c.fileOperation is None]
+            try:
+                if reused:
+                    self._task(name, "detaching disks", vm.ReconfigVM_Task, spec=vim.vm.ConfigSpec(deviceChange=[
+                        vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in reused]))
+                self._task(name, "Destroy", vm.Destroy_Task)
+            finally:
+                self._invalidate()
+            raise EndpointError(self.endpoint.label, f"guest {name!r}: another run created a VM of this name at "
+                                                     f"the same time ({others[0]}); left that one alone")
+        got = same.get(vm._moId, instance_uuid).lower()
+        if got and got != instance_uuid.lower():
+            self._task(name, "ReconfigVM (ownership mark)", vm.ReconfigVM_Task, spec=vim.vm.ConfigSpec(
+                extraConfig=[vim.option.OptionValue(key=OWNER_UUID_KEY, value=got)]))
+
+    def _grow_files(self, name: str, vm: Any, sizes: Dict[str, float]) -> None:
+        """Grow reused disks (by file) to SIZES after they were attached at their own size."""
+        devices = self._invoke(name, "reading devices", getattr, vm, "config").hardware.device
+        edits = []
+        for dev in devices:
+            file_name = getattr(getattr(dev, "backing", None), "fileName", None)
+            if isinstance(dev, vim.vm.device.VirtualDisk) and file_name in sizes:
+                dev.capacityInKB = _kib(sizes[file_name])
+                dev.capacityInBytes = dev.capacityInKB * 1024
+                edits.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
+        if edits:
+            config = vim.vm.ConfigSpec(deviceChange=edits)
+            self._task(name, "growing kept disks", vm.ReconfigVM_Task, spec=config, written_gib=_written_gib(config))
 
     def _raw(self, current: GuestState) -> Dict[str, Any]:
         raw = self._vms.get(current.ref._moId)
@@ -1167,128 +1490,197 @@ class VsphereBackend(GuestBackend):
 
     def update_config(self, current: GuestState, plan: GuestPlan, live_only: bool) -> Tuple[Any, Set[str]]:
         """ONE ConfigSpec for the plan's changes (LIVE_ONLY: only those marked live). Devices the plan does
-        not name are never touched. Returns the spec and the directories to make first."""
-        name = current.spec.name
+        not name are never touched. Returns the spec and the directories to make first. Each change is applied
+        by the one function _UPDATES names for its (kind, attr)."""
+        return self._update_build(current, [c for c in plan.changes if c.live or not live_only],
+                                  plan.after or plan.desired).config_and_dirs()
+
+    def _update_build(self, current: GuestState, changes: List[Change], after: GuestSpec) -> _Build:
         raw = self._raw(current)
         devices = list(raw.get("config.hardware.device") or [])
         extra_now = _extra_config(raw.get("config.extraConfig"))
-        disks = dict(self._disks(raw, extra_now))
-        nics = {(d.macAddress or "").lower(): d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)}
-        after = plan.after or plan.desired
-        after_nics = {n.mac: n for n in after.nics or []}
-        target_networks = {}
         host = raw.get("runtime.host")
-        if host is not None:
-            target_networks = self._visible(self._snapshot(), [host._moId])[1]
-        config = vim.vm.ConfigSpec()
-        changes: List[Any] = []
-        keys = _new_keys()
-        slots = _Slots(devices, changes, keys)
-        extra: List[Tuple[str, str]] = []
-        dirs: Set[str] = set()
+        networks = self._visible(self._snapshot(), [host._moId])[1] if host is not None else {}
         vmx = raw.get("config.files.vmPathName") or ""
-        vm_ds = _datastore_of(vmx)
-        vm_dir = vmx.split("] ", 1)[-1].rsplit("/", 1)[0] if "/" in vmx else name
-        model_changed = {c.field[len("nics["):-len("].model")] for c in plan.changes
-                         if c.field.startswith("nics[") and c.field.endswith("].model")}
-        for change in plan.changes:
-            if live_only and not change.live:
+        vm_dir = vmx.split("] ", 1)[-1].rsplit("/", 1)[0] if "/" in vmx else current.spec.name
+        build = _Build.new(current.spec.name, devices, _datastore_of(vmx), vm_dir, networks, {})
+        build.config = vim.vm.ConfigSpec()
+        build.disks = dict(self._disks(raw, extra_now))
+        build.nics = [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+        build.after_nics = {n.mac: n for n in after.nics or [] if n.mac}
+        build.after = after
+        # A NIC whose model changes is replaced, and the replacement gets the new network too.
+        build.replaced = {c.key for c in changes if c.kind == "nics" and c.attr == "model" and c.key}
+        for change in changes:
+            if change.kind in ("guest", "power_state"):
                 continue
-            field = change.field
-            if field == "vcpus":
-                config.numCPUs = change.after
-            elif field == "memory_mib":
-                config.memoryMB = change.after
-            elif field == "firmware":
-                config.firmware = "efi" if change.after == "uefi" else "bios"
-            elif field == "tags":
-                before, wanted = change.before or {}, change.after or {}
-                extra += [(TAG_PREFIX + k, v) for k, v in sorted(wanted.items()) if before.get(k) != v]
-                extra += [(TAG_PREFIX + k, "") for k in sorted(set(before) - set(wanted))]  # "" deletes the key
-            elif field == "cloud_init":
-                cloud_init = after.cloud_init or plan.desired.cloud_init
-                if cloud_init is not None:
-                    extra += _cloud_init_options(cloud_init, clear=True)
-            elif field.startswith("disks[") and field.endswith("]"):
-                disk = DiskSpec(**change.after)
-                self._new_disk(name, disk, disk.pool or vm_ds or "", vm_ds, vm_dir, slots, keys, changes, extra, dirs)
-            elif field.startswith("disks[") and field.endswith("].size_gib"):
-                dev = disks[field[len("disks["):-len("].size_gib")]]
-                dev.capacityInKB = _kib(change.after)
-                dev.capacityInBytes = dev.capacityInKB * 1024
-                changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
-            elif field.startswith("disks[") and field.endswith("].bus"):
-                dev = disks[field[len("disks["):-len("].bus")]]
-                slots.release(dev.controllerKey, dev.unitNumber)
-                try:
-                    dev.controllerKey, dev.unitNumber = slots.take(change.after)
-                except ValueError as exc:
-                    raise ConfigError(f"guest {name!r} disks", field, str(exc)) from None
-                changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
-            elif field.startswith("nics[") and field.endswith("]"):
-                changes.append(self._nic_add(NicSpec(**change.after), next(keys), target_networks))
-            elif field.startswith("nics[") and field.endswith("].network"):
-                mac = field[len("nics["):-len("].network")]
-                if mac in model_changed and not live_only:
-                    continue  # the replacement NIC below gets the new network
-                dev = nics[mac]
-                dev.backing = self._backing(change.after, target_networks)
-                changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
-            elif field.startswith("nics[") and field.endswith("].model"):
-                mac = field[len("nics["):-len("].model")]
-                # A NIC cannot change its type: remove it and add one of the new model with the same MAC.
-                changes.append(vim.vm.device.VirtualDeviceSpec(operation="remove", device=nics[mac]))
-                nic = after_nics.get(mac) or NicSpec(network=_nic_network(nics[mac].backing,
-                                                                          self._snapshot().networks()) or "")
-                changes.append(self._nic_add(NicSpec(network=nic.network, mac=mac, model=change.after), next(keys),
-                                             target_networks))
-            # autostart: verify_spec refuses true and a guest reads back false, so it never changes here.
-        config.deviceChange = changes
-        config.extraConfig = [vim.option.OptionValue(key=k, value=v) for k, v in extra]
-        return config, dirs
+            apply = self._UPDATES.get((change.kind, change.attr))
+            if apply is None:
+                raise EndpointError(self.endpoint.label, f"guest {current.spec.name!r}: {change.field} cannot be "
+                                                         "changed on vSphere")
+            apply(self, build, change)
+        return build
+
+    # One small function per (kind, attr) of a Change; each adds to the ConfigSpec being built.
+    def _set_vcpus(self, build: _Build, change: Change) -> None:
+        build.config.numCPUs = change.after
+
+    def _set_memory(self, build: _Build, change: Change) -> None:
+        build.config.memoryMB = change.after
+
+    def _set_firmware(self, build: _Build, change: Change) -> None:
+        build.config.firmware = "efi" if change.after == "uefi" else "bios"
+
+    def _set_autostart(self, build: _Build, change: Change) -> None:
+        """verify_spec refuses autostart: true and a guest reads back false, so this never changes anything."""
+
+    def _set_tags(self, build: _Build, change: Change) -> None:
+        before, wanted = change.before or {}, change.after or {}
+        build.extra += [(TAG_PREFIX + k, v) for k, v in sorted(wanted.items()) if before.get(k) != v]
+        build.extra += [(TAG_PREFIX + k, "") for k in sorted(set(before) - set(wanted))]  # "" deletes the key
+
+    def _set_cloud_init(self, build: _Build, change: Change) -> None:
+        if build.after is not None and build.after.cloud_init is not None:
+            build.extra += _cloud_init_options(build.after.cloud_init, clear=True)
+
+    def _add_disk(self, build: _Build, change: Change) -> None:
+        disk = DiskSpec(**change.after)
+        self._new_disk(build, disk, disk.pool or build.vm_ds or "")
+
+    def _grow_disk(self, build: _Build, change: Change) -> None:
+        dev = build.disks[change.key or ""]
+        dev.capacityInKB = _kib(change.after)
+        dev.capacityInBytes = dev.capacityInKB * 1024
+        build.changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
+
+    def _move_disk(self, build: _Build, change: Change) -> None:
+        dev = build.disks[change.key or ""]
+        build.slots.release(dev.controllerKey, dev.unitNumber)
+        try:
+            dev.controllerKey, dev.unitNumber = build.slots.take(change.after)
+        except ValueError as exc:
+            raise ConfigError(f"guest {build.guest!r} disks", change.field, str(exc)) from None
+        build.changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
+
+    def _nic(self, build: _Build, key: Optional[str]) -> Any:
+        """The NIC a change names: by MAC, or '#<n>' (the n-th NIC) for one without a MAC."""
+        if key and key.startswith("#"):
+            return build.nics[int(key[1:])]
+        return next(d for d in build.nics if (d.macAddress or "").lower() == key)
+
+    def _add_nic(self, build: _Build, change: Change) -> None:
+        build.changes.append(self._nic_add(NicSpec(**change.after), next(build.keys), build.networks))
+
+    def _set_nic_network(self, build: _Build, change: Change) -> None:
+        if change.key in build.replaced:
+            return  # the replacement NIC (_set_nic_model) gets the new network
+        dev = self._nic(build, change.key)
+        dev.backing = self._backing(change.after, build.networks)
+        build.changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
+
+    def _set_nic_model(self, build: _Build, change: Change) -> None:
+        # A NIC cannot change its type: remove it and add one of the new model with the same MAC.
+        dev = self._nic(build, change.key)
+        mac = (dev.macAddress or "").lower() or None
+        build.changes.append(vim.vm.device.VirtualDeviceSpec(operation="remove", device=dev))
+        nic = build.after_nics.get(mac or "") or NicSpec(
+            network=_nic_network(dev.backing, self._snapshot().networks()) or "")
+        build.changes.append(self._nic_add(NicSpec(network=nic.network, mac=mac, model=change.after),
+                                           next(build.keys), build.networks))
+
+    _UPDATES: ClassVar[Dict[Tuple[str, Optional[str]], Callable[[VsphereBackend, _Build, Change], None]]] = {
+        ("vcpus", None): _set_vcpus,
+        ("memory_mib", None): _set_memory,
+        ("firmware", None): _set_firmware,
+        ("autostart", None): _set_autostart,
+        ("tags", None): _set_tags,
+        ("cloud_init", None): _set_cloud_init,
+        ("disks", None): _add_disk,
+        ("disks", "size_gib"): _grow_disk,
+        ("disks", "bus"): _move_disk,
+        ("nics", None): _add_nic,
+        ("nics", "network"): _set_nic_network,
+        ("nics", "model"): _set_nic_model,
+    }
+
+    def _reconfigure(self, current: GuestState, changes: List[Change], after: GuestSpec) -> None:
+        """One ReconfigVM with CHANGES (when they change anything), after making the directories new disks need.
+        The datacenter (MakeDirectory needs it on vCenter) is read before the bulk read is dropped."""
+        name = current.spec.name
+        build = self._update_build(current, changes, after)
+        config, dirs = build.config_and_dirs()
+        datacenter = self._datacenter_of(current.ref._moId) if dirs else None
+        self._invalidate()
+        if config.deviceChange or config.extraConfig or config.numCPUs or config.memoryMB or config.firmware:
+            self._make_dirs(name, datacenter, dirs)
+            self._task(name, "ReconfigVM", current.ref.ReconfigVM_Task, spec=config, written_gib=_written_gib(config))
+
+    def _datacenter_of(self, moid: str) -> Any:
+        snap = self._snapshot()
+        return snap.refs.get(snap.ancestor(moid, vim.Datacenter) or "")
 
     def update_guest(self, current: GuestState, plan: GuestPlan) -> None:
+        """The changes that can be made now: every change on a stopped VM, the live ones on a running VM. The
+        others wait for apply_offline, which the caller runs once the VM is off (stop, or inside restart_guest)."""
         name = current.spec.name
-        offline = [c.field for c in plan.changes if not c.live and c.field != "power_state"]
+        offline = [c for c in plan.changes if not c.live and c.kind != "power_state"]
         running = current.power_state != "stopped"
         if running and offline and plan.power not in ("stop", "restart"):
             # vSphere has no persistent-only configuration to stage these in, so they cannot wait for a restart.
-            raise EndpointError(self.endpoint.label, f"guest {name!r}: {', '.join(offline)} cannot change while "
-                                                     "it runs on vSphere; set allow_restart: true or stop it first")
-        config, dirs = self.update_config(current, plan, live_only=running and bool(offline))
-        if running and offline:
-            # Applied by stop_guest once the guest is off (the runner stops it next).
-            later, later_dirs = self.update_config(current, GuestPlan(
-                desired=plan.desired, current=current, changes=[c for c in plan.changes if not c.live],
-                after=plan.after), live_only=False)
-            with self._lock:
-                self._pending[current.ref._moId] = (later, later_dirs)
-        self._invalidate()
-        datacenter = self._snapshot_datacenter(current)
-        if config.deviceChange or config.extraConfig or config.numCPUs or config.memoryMB or config.firmware:
-            self._make_dirs(name, datacenter, dirs)
-            self._task(name, "ReconfigVM", current.ref.ReconfigVM_Task, spec=config)
+            raise EndpointError(self.endpoint.label, f"guest {name!r}: {', '.join(c.field for c in offline)} cannot "
+                                                     "change while it runs on vSphere; set allow_restart: true or "
+                                                     "stop it first")
+        self._reconfigure(current, [c for c in plan.changes if c.live or not running], plan.after or plan.desired)
 
-    def _snapshot_datacenter(self, current: GuestState) -> Any:
-        snap = self._snap
-        if snap is None:
-            return None
-        return snap.refs.get(snap.ancestor(current.ref._moId, vim.Datacenter) or "")
+    def apply_offline(self, current: GuestState, plan: GuestPlan) -> None:
+        """PLAN's changes that need the VM off (not live), applied to the powered-off VM: the explicit step between
+        the stop and the start. Refused while the VM runs (one power-state read)."""
+        changes = [c for c in plan.changes if not c.live and c.kind not in ("guest", "power_state")]
+        if not changes:
+            return
+        if self._power(current) != "poweredOff":
+            raise EndpointError(self.endpoint.label, f"guest {current.spec.name!r}: "
+                                                     f"{', '.join(c.field for c in changes)} need the VM powered off")
+        self._reconfigure(current, changes, plan.after or plan.desired)
+
+    def restart_guest(self, current: GuestState, timeout: float, force: bool,
+                      plan: Optional[GuestPlan] = None) -> None:
+        """Mark the VM as restarting (extraConfig RESTARTING_KEY), stop it, apply PLAN's offline changes, start it,
+        clear the mark. A run killed or failing in between leaves a powered-off VM with the mark, which the next
+        read reports as interrupted_restart, so that run starts it again."""
+        name = current.spec.name
+        instance_uuid = str(self._raw(current).get("config.instanceUuid") or "").lower() or "yes"
+        self._set_restarting(current, instance_uuid)
+        self.stop_guest(current, timeout, force)
+        if plan is not None:
+            self.apply_offline(current, plan)
+        self.start_guest(current)
+        try:
+            self._set_restarting(current, "")
+        except EndpointError as exc:  # the guest runs again; a stale mark on a running VM means nothing
+            raise EndpointError(self.endpoint.label, f"guest {name!r} restarted, but clearing its restart mark "
+                                                     f"failed: {exc.reason}") from None
+
+    def _set_restarting(self, current: GuestState, value: str) -> None:
+        self._invalidate()
+        self._task(current.spec.name, "ReconfigVM (restart mark)", current.ref.ReconfigVM_Task,
+                   spec=vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key=RESTARTING_KEY, value=value)]))
 
     def start_guest(self, current: GuestState) -> None:
         self._invalidate()
-        self._task(current.spec.name, "PowerOnVM", current.ref.PowerOnVM_Task)
+        try:
+            self._task(current.spec.name, "PowerOnVM", current.ref.PowerOnVM_Task)
+        except EndpointError:
+            # Another run started it meanwhile: running is what was asked.
+            if self._power(current) != "poweredOn":
+                raise
+        if current.interrupted_restart:
+            self._set_restarting(current, "")  # a restart an earlier run did not finish is finished now
 
     def stop_guest(self, current: GuestState, timeout: float, force: bool) -> None:
-        name = current.spec.name
         self._invalidate()
         if self._power(current) != "poweredOff":
             self._shutdown(current, timeout, force)
-        with self._lock:
-            pending = self._pending.pop(current.ref._moId, None)
-        if pending is not None:
-            self._make_dirs(name, None, pending[1])
-            self._task(name, "ReconfigVM", current.ref.ReconfigVM_Task, spec=pending[0])
 
     def _power(self, current: GuestState) -> str:
         runtime = self._invoke(current.spec.name, "reading the power state", getattr, current.ref, "runtime")

@@ -141,7 +141,7 @@ def test_a_restart_that_never_started_the_guest_is_finished_by_the_next_present_
 def test_a_restart_goes_through_the_backends_restart_step() -> None:
     backend = FakeBackend([existing()])
     calls: list[str] = []
-    backend.restart_guest = lambda current, timeout, force: calls.append(current.spec.name)  # type: ignore
+    backend.restart_guest = lambda current, timeout, force, plan=None: calls.append(current.spec.name)  # type: ignore
     converge(backend, [spec(firmware="uefi")], Placement(), RunOptions(plan=PlanOptions(allow_restart=True)))
     assert calls == ["web01"]
 

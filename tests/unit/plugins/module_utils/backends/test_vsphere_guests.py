@@ -28,6 +28,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsp
 pytestmark = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
 
 MAC = "00:50:56:01:02:03"
+INSTANCE_UUID = "5010aaaa-0000-0000-0000-00000000000a"
 
 
 def new_backend() -> backend_mod.VsphereBackend:
@@ -77,7 +78,8 @@ def vm_props(**overrides: Any) -> dict[str, Any]:
                               backing=device.VirtualEthernetCard.NetworkBackingInfo(deviceName="VM Network")),
     ]
     extra = [vim.option.OptionValue(key=k, value=v) for k, v in [
-        ("virtfleet.owner", OWNER_TAG), ("virtfleet.disk.root", "[ds1] web1/web1_root.vmdk"),
+        ("virtfleet.owner", OWNER_TAG), ("virtfleet.owner.uuid", INSTANCE_UUID),
+        ("virtfleet.disk.root", "[ds1] web1/web1_root.vmdk"),
         ("virtfleet.tag.role", "web"), ("virtfleet.tag.old", "x"), ("virtfleet.cloud_init.digest", "sha256:abc"),
         # vcsim appends on reconfigure instead of replacing: the last value wins, "" means deleted.
         ("virtfleet.tag.role", "db"), ("virtfleet.tag.old", ""),
@@ -87,6 +89,7 @@ def vm_props(**overrides: Any) -> dict[str, Any]:
         "config.hardware.numCPU": 2, "config.hardware.memoryMB": 2048, "config.hardware.device": devices,
         "config.extraConfig": extra, "config.cpuHotAddEnabled": True, "config.memoryHotAddEnabled": False,
         "config.files.vmPathName": "[ds1] web1/web1.vmx", "runtime.powerState": "poweredOn",
+        "config.instanceUuid": INSTANCE_UUID.upper(),
     }
     props.update(overrides)
     return props
@@ -146,7 +149,7 @@ def test_created_guest_reads_back_as_the_spec_it_was_made_from() -> None:
     from pyVmomi import vim
 
     spec = full_spec()
-    config, _dirs = new_backend().create_config(spec, target())
+    config, _dirs = new_backend().create_config(spec, target(), owner="team-a", instance_uuid=INSTANCE_UUID)
     devices = [c.device for c in config.deviceChange]
     for i, dev in enumerate(devices):
         dev.key = 1000 + i
@@ -156,10 +159,13 @@ def test_created_guest_reads_back_as_the_spec_it_was_made_from() -> None:
     props = {"name": "web1", "config.uuid": "u-1", "config.firmware": config.firmware, "config.hardware.numCPU": 2,
              "config.hardware.memoryMB": 2048, "config.hardware.device": devices,
              "config.extraConfig": config.extraConfig, "config.cpuHotAddEnabled": True,
-             "config.memoryHotAddEnabled": True, "runtime.powerState": "poweredOff"}
+             "config.memoryHotAddEnabled": True, "runtime.powerState": "poweredOff",
+             "config.instanceUuid": config.instanceUuid}
     got = new_backend()._state(vim.VirtualMachine("vm-9"), props, {}, 8, 4096)
     assert got.spec.facts() == dict(spec.facts(), uuid="u-1")
-    assert got.owned and got.created_disks == ["root", "data"] and (got.max_vcpus, got.max_memory_mib) == (8, 4096)
+    assert got.owner == "team-a" and got.owned_by("team-a") and not got.owned_by(OWNER_TAG)
+    assert got.created_disks == ["root", "data"] and (got.max_vcpus, got.max_memory_mib) == (8, 4096)
+    assert not got.interrupted_restart
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -173,7 +179,7 @@ def test_read_back_normalises_names_formats_tags_and_ownership() -> None:
     assert spec.tags == {"role": "db"}  # last value wins; "" is a deleted key
     assert spec.cloud_init is not None and spec.cloud_init.digest() == "sha256:abc"
     assert (spec.boot, spec.autostart) == (None, False)
-    assert current.owned and current.created_disks == ["root"]
+    assert current.owner == OWNER_TAG and current.created_disks == ["root"]
     assert (current.max_vcpus, current.max_memory_mib) == (16, 2048)  # CPU hot-add on, memory hot-add off
 
 
@@ -265,32 +271,95 @@ def test_restart_only_change_on_a_running_guest_is_refused_before_any_call() -> 
     assert backend.calls == 0
 
 
-def test_restart_only_change_waits_for_the_stop_when_a_restart_is_planned() -> None:
+def test_restart_applies_offline_changes_between_an_explicit_stop_and_start_with_a_restart_mark() -> None:
+    """No ConfigSpec is parked on the backend for a later call: update_guest applies the live changes, and the
+    offline ones are applied by restart_guest between the stop and the start, inside a restart mark."""
     calls: list[str] = []
 
     class Ref:
         _moId = "vm-1"
 
         def ReconfigVM_Task(self, spec: Any) -> Any:
-            calls.append(f"reconfig numCPUs={spec.numCPUs} firmware={spec.firmware}")
+            extra = {o.key: o.value for o in spec.extraConfig or []}
+            if "virtfleet.restarting" in extra:
+                calls.append(f"mark {extra['virtfleet.restarting'] or 'cleared'}")
+            else:
+                calls.append(f"reconfig numCPUs={spec.numCPUs} firmware={spec.firmware}")
             return SimpleNamespace(info=SimpleNamespace(state="success", result=None))
 
         def ShutdownGuest(self) -> None:
             calls.append("shutdown")
 
+        def PowerOnVM_Task(self) -> Any:
+            calls.append("power on")
+            return SimpleNamespace(info=SimpleNamespace(state="success", result=None))
+
         @property
         def runtime(self) -> Any:
-            return SimpleNamespace(powerState="poweredOff" if "shutdown" in calls else "poweredOn")
+            off = calls.count("shutdown") > calls.count("power on")
+            return SimpleNamespace(powerState="poweredOff" if off else "poweredOn")
 
     props = vm_props()
     current = state(props, power="running")
     current.ref = Ref()
     backend = backend_with_vm(props)
+    assert not hasattr(backend, "_pending")
     plan = plan_of(current, Change("vcpus", 2, 4), Change("firmware", "uefi", "bios", live=False), power="restart")
     backend.update_guest(current, plan)
     assert calls == ["reconfig numCPUs=4 firmware=None"]
-    backend.stop_guest(current, 5, force=False)
-    assert calls[1:] == ["shutdown", "reconfig numCPUs=None firmware=bios"]
+    backend.stop_guest(current, 5, force=False)  # a plain stop applies nothing it was not told to
+    assert calls[1:] == ["shutdown"]
+    calls.clear()
+    backend.restart_guest(current, 5, False, plan)
+    assert calls == ["mark " + INSTANCE_UUID, "shutdown", "reconfig numCPUs=None firmware=bios", "power on",
+                     "mark cleared"]
+
+
+def test_offline_changes_are_refused_on_a_running_vm() -> None:
+    props = vm_props()
+    current = state(props, power="running")
+    current.ref = SimpleNamespace(_moId="vm-1", runtime=SimpleNamespace(powerState="poweredOn"))
+    backend = backend_with_vm(props)
+    plan = plan_of(current, Change("firmware", "uefi", "bios", live=False), power="stop")
+    with pytest.raises(EndpointError, match=r"firmware need the VM powered off"):
+        backend.apply_offline(current, plan)
+
+
+def test_a_stopped_vm_with_a_restart_mark_reads_as_an_interrupted_restart() -> None:
+    from pyVmomi import vim
+
+    mark = [vim.option.OptionValue(key="virtfleet.restarting", value=INSTANCE_UUID)]
+    props = vm_props(**{"runtime.powerState": "poweredOff"})
+    props["config.extraConfig"] = list(props["config.extraConfig"]) + mark
+    assert new_backend()._state(vim.VirtualMachine("vm-1"), props, {}, 8, 4096).interrupted_restart
+    running = vm_props()
+    running["config.extraConfig"] = list(running["config.extraConfig"]) + mark
+    assert not new_backend()._state(vim.VirtualMachine("vm-1"), running, {}, 8, 4096).interrupted_restart
+    # A copy of the VM (another instance UUID) carries the mark but was not being restarted.
+    copy = vm_props(**{"runtime.powerState": "poweredOff",
+                       "config.instanceUuid": "5010bbbb-0000-0000-0000-0000000000bb"})
+    copy["config.extraConfig"] = list(copy["config.extraConfig"]) + mark
+    assert not new_backend()._state(vim.VirtualMachine("vm-2"), copy, {}, 8, 4096).interrupted_restart
+
+
+def test_a_clone_copies_the_mark_but_owns_nothing() -> None:
+    """A clone or a VM deployed from a collection-built template has the extraConfig, not the instance UUID."""
+    from pyVmomi import vim
+
+    clone = vm_props(**{"config.instanceUuid": "5010cccc-0000-0000-0000-0000000000cc"})
+    got = new_backend()._state(vim.VirtualMachine("vm-7"), clone, {}, 8, 4096)
+    assert got.owner is None and not got.owned_by(OWNER_TAG) and got.created_disks == []
+    assert [d.name for d in got.spec.disks or []] == ["root", "Hard disk 2"]  # still named by the records
+    unmarked = vm_props(**{"config.instanceUuid": None})
+    assert new_backend()._state(vim.VirtualMachine("vm-8"), unmarked, {}, 8, 4096).owner is None
+
+
+def test_unknown_change_kinds_are_refused_not_ignored() -> None:
+    props = vm_props()
+    current = state(props)
+    with pytest.raises(EndpointError, match=r"boot\.kernel cannot be changed on vSphere"):
+        backend_with_vm(props).update_config(current, plan_of(current, Change("boot", None, "/k", key="kernel")),
+                                             live_only=False)
 
 
 # ---------------------------------------------------------------------------------------------- verify
