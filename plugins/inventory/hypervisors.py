@@ -17,10 +17,17 @@ description:
     C(guests_of_<hypervisor>) per hypervisor with guests, C(vcenters), C(bmcs) and C(unreachable).
   - An endpoint that is down, refuses login or times out lands in C(unreachable) with the one-line hostvar
     C(virtfleet_error); the rest of the inventory is built. With O(strict=true) the run fails instead.
-  - Guest names that appear on more than one hypervisor (or equal a hypervisor's name) are all renamed
-    C(<guest>@<hypervisor>), with a warning; a name is never silently overwritten.
+  - Every discovered object keeps a host of its own, and no host of another inventory source is touched. A name
+    that is already taken (by another source, by an endpoint, a hypervisor or another guest of this source),
+    that equals a group's name, or that is C(localhost) is renamed, with a warning - a guest to
+    C(<guest>@<hypervisor>) (and C(<guest>@<hypervisor>#<uuid>) when that is taken too), a hypervisor to
+    C(<name>@<endpoint>), an endpoint to C(<host>@<api>). Every object sharing a name is renamed, so the
+    names do not depend on the order of discovery.
+  - Group names are made of letters, digits and underscores only; other characters become C(_), and a
+    name starting with a digit gets a leading C(_) (also for O(keyed_groups) and O(groups)).
   - Every string read from a hypervisor or a guest is marked unsafe, so it is never templated.
-  - Credentials never enter hostvars or the cache.
+  - Credentials never enter hostvars or the cache; a password in an endpoint URI is refused.
+  - Probing talks TLS only (vSphere, Redfish over https, libvirt over TLS), unless O(allow_plaintext=true).
 author:
   - virtfleet maintainers (@virtfleet)
 requirements:
@@ -41,8 +48,13 @@ options:
         V(redfish+http://host:port) (a BMC), or any libvirt URI (V(qemu:///system), V(qemu+ssh://host/system),
         V(qemu+tls://host/system), V(qemu+tcp://host/system), V(test:///default)).
       - C(probe) is an address or CIDR range (at most 4096 addresses) to scan on C(ports)
-        (default V([443, 16509, 16514])). 443 is identified as vSphere or Redfish; 16509 and 16514 as libvirt
-        over TCP and TLS.
+        (default V([443, 16509, 16514])). 443 (and any other port) is identified as vSphere or Redfish over TLS;
+        16514 as libvirt over TLS. Plain Redfish over http and libvirt over plain TCP (16509) are only tried
+        with O(allow_plaintext=true).
+      - A password in a URI is refused (use O(password) or O(credentials)); so is a user in a vSphere or
+        Redfish URI. A libvirt URI that runs a program (the C(ext) transport, C(command=), C(netcat=)) is refused
+        unless O(allow_uri_commands=true); C(no_verify=1) in a libvirt URI is refused unless C(validate_certs)
+        is false for that endpoint.
       - A plain string item is taken as a C(uri).
       - When empty, E(LIBVIRT_DEFAULT_URI) is used if set.
     type: list
@@ -52,8 +64,8 @@ options:
     description:
       - Credentials per endpoint host, matched in order with a shell glob against the host as written
         (or the probed address). The first match wins; unmatched endpoints use O(username) and O(password).
-      - Each item has C(match), C(username), C(password) and C(validate_certs).
-      - C(validate_certs) defaults to O(validate_certs).
+      - Each item has C(match), C(username), C(password), C(validate_certs) and C(ca_path).
+      - C(validate_certs) defaults to O(validate_certs), C(ca_path) to O(ca_path).
     type: list
     elements: dict
     default: []
@@ -73,16 +85,40 @@ options:
     default: true
     env:
       - name: VMWARE_VALIDATE_CERTS
+  ca_path:
+    description:
+      - A PEM file of CA certificates, or a directory of hashed certificates, to verify vSphere and Redfish
+        endpoints with; only these CAs are then trusted. Not used where C(validate_certs) is false.
+    type: path
+    env:
+      - name: VIRTFLEET_CA_PATH
+      - name: REQUESTS_CA_BUNDLE
+  allow_plaintext:
+    description:
+      - Let a O(endpoints) C(probe) also try Redfish over plain http and libvirt over plain TCP (port 16509).
+        Credentials then travel unencrypted to whatever answers there. URIs written in O(endpoints) are used
+        as written.
+    type: bool
+    default: false
+  allow_uri_commands:
+    description:
+      - Allow libvirt URIs that make libvirt run a program (the C(ext) transport and C(command=) on this
+        machine, C(netcat=) on the remote one).
+    type: bool
+    default: false
   guests:
     description: Also add every guest VM as an inventory host (templates are left out).
     type: bool
     default: false
   max_workers:
-    description: How many endpoints are discovered (and probe targets checked) at the same time.
+    description: How many endpoints are discovered (and probe targets checked) at the same time; 1 to 256.
     type: int
     default: 32
   timeout:
-    description: Seconds allowed for each network operation on an endpoint.
+    description:
+      - Seconds allowed for each network operation on an endpoint; more than 0, at most 3600.
+      - One vSphere or Redfish call (its whole answer) may take at most six times this long; a remote libvirt
+        connection whose peer stops answering is closed after about this long (libvirt keepalive).
     type: float
     default: 10
 """
@@ -113,11 +149,11 @@ cache_connection: ~/.cache/virtfleet
 """
 
 import os
+import re
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from ansible.errors import AnsibleParserError
-from ansible.inventory.group import to_safe_group_name
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 from ansible.release import __version__ as ansible_version
 from ansible.utils.display import Display
@@ -125,11 +161,17 @@ from ansible.utils.unsafe_proxy import wrap_var as _wrap_var
 
 from ansible_collections.virtfleet.core.plugins.module_utils._discovery import dedupe, discover_all, paused_gc, probe
 from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
+    HIDDEN,
+    MAX_TIMEOUT,
+    MAX_WORKERS,
     Credentials,
     Endpoint,
+    check_bounds,
     check_rules_match,
+    check_transport,
     credentials_for,
     env_credentials,
+    looks_secret,
     parse_credential_rules,
     parse_endpoint,
     probe_addresses,
@@ -159,9 +201,59 @@ _UNTRUSTED_BY_DEFAULT = _untrusted_by_default(ansible_version)
 
 display = Display()
 
-OPTIONS = {"plugin", "endpoints", "credentials", "username", "password", "validate_certs", "guests", "max_workers",
-           "timeout", "compose", "groups", "keyed_groups", "strict", "use_extra_vars", "leading_separator",
-           "cache", "cache_plugin", "cache_timeout", "cache_connection", "cache_prefix"}
+OPTIONS = {"plugin", "endpoints", "credentials", "username", "password", "validate_certs", "ca_path",
+           "allow_plaintext", "allow_uri_commands", "guests", "max_workers", "timeout", "compose", "groups",
+           "keyed_groups", "strict", "use_extra_vars", "leading_separator", "cache", "cache_plugin",
+           "cache_timeout", "cache_connection", "cache_prefix"}
+# Groups this plugin makes whatever it finds (power states included); no host may take one of these names.
+FIXED_GROUPS = ("all", "ungrouped", "hypervisors", "guests", "unreachable", "vcenters", "bmcs", "running", "stopped",
+                "paused", "suspended", "unknown")
+# ansible-core's implicit localhost names (C.LOCALHOST): a discovered host so named would become the controller.
+LOCALHOST_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
+_NOT_GROUP_CHARS = re.compile(r"[^A-Za-z0-9_]")
+
+
+def safe_group_name(name: str) -> str:
+    """A valid group name: letters, digits and underscores, not starting with a digit."""
+    out = _NOT_GROUP_CHARS.sub("_", str(name))
+    return out if out and not out[0].isdigit() else f"_{out}"
+
+
+class _Names:
+    """Inventory host names, handed out so that every discovered object gets a host of its own.
+
+    A wanted name is used when no other object of the batch wants it and it is free: not a host already in the
+    inventory (another source's, or one named earlier in this run), not a group, not localhost. Else every
+    object of the batch that wants it is renamed NAME@QUALIFIER, then NAME@QUALIFIER#ID, then #ID-N.
+    """
+
+    def __init__(self, taken: Set[str], groups: Set[str]) -> None:
+        self.taken, self.groups = taken, groups
+
+    def _free(self, name: str) -> bool:
+        return name not in self.taken and name not in self.groups and name.lower() not in LOCALHOST_NAMES
+
+    def assign(self, wanted: Sequence[Tuple[str, str, str]], what: str) -> List[str]:
+        """For each (name, qualifier, id) of WANTED, its host name, in order; each renaming is a warning."""
+        names = [name for name, _q, _i in wanted]
+        for step in (lambda n, q, i: f"{n}@{q}", lambda n, q, i: f"{n}@{q}#{i}"):
+            counts: Dict[str, int] = {}
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+            names = [name if counts[name] == 1 and self._free(name) else step(*item)
+                     for name, item in zip(names, wanted)]
+        out: List[str] = []
+        for name, item in zip(names, wanted):
+            final, n = name, 1
+            while final in out or not self._free(final):
+                n += 1
+                final = f"{name}-{n}"
+            out.append(final)
+            if final != item[0]:
+                display.warning(f"virtfleet.core.hypervisors: {what} name '{item[0]}' is taken or not unique; "
+                                f"this one is named '{final}'")
+        self.taken.update(out)
+        return out
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
@@ -173,15 +265,19 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     # ------------------------------------------------------------------ configuration
     def _plan(self, config: Dict[str, Any]) -> Tuple[List[Endpoint], List[Tuple[List[str], List[int]]], Any]:
         """Validate everything and build the endpoint list before any network traffic."""
-        unknown = sorted(set(config) - OPTIONS)
-        if unknown:
-            raise ConfigError(unknown[0], config[unknown[0]], f"unknown option of {self.NAME}")
+        unknown = sorted(set(config) - OPTIONS, key=str)
+        if unknown:  # its value is never shown: an unknown option may well be a misspelt password
+            raise ConfigError(str(unknown[0]), HIDDEN, f"unknown option of {self.NAME}")
+        check_bounds("max_workers", self.get_option("max_workers"), MAX_WORKERS, integer=True)
+        check_bounds("timeout", self.get_option("timeout"), MAX_TIMEOUT)
         default = env_credentials(self._render(self.get_option("username")),
-                                  self._render(self.get_option("password")), self.get_option("validate_certs"))
+                                  self._render(self.get_option("password")), self.get_option("validate_certs"),
+                                  self.get_option("ca_path"))
         rules = parse_credential_rules([
             {k: self._render(v) for k, v in rule.items()} if isinstance(rule, dict) else rule
             for rule in self.get_option("credentials") or []
         ], default=default)
+        allow_commands = bool(self.get_option("allow_uri_commands"))
         items = list(self.get_option("endpoints") or [])
         if not items and os.environ.get("LIBVIRT_DEFAULT_URI"):
             items = [{"uri": os.environ["LIBVIRT_DEFAULT_URI"]}]
@@ -194,25 +290,23 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if isinstance(item, str):
                 item = {"uri": item}
             if not isinstance(item, dict):
-                raise ConfigError(where, item, "expected a uri string or a dict with uri or probe")
-            extra = sorted(set(item) - {"uri", "probe", "ports"})
+                raise ConfigError(where, HIDDEN, "expected a uri string or a dict with uri or probe")
+            extra = sorted(set(item) - {"uri", "probe", "ports"}, key=str)
             if extra:
-                raise ConfigError(f"{where}.{extra[0]}", item[extra[0]],
-                                  "unknown key; expected uri, or probe with ports")
+                raise ConfigError(f"{where}.{extra[0]}", HIDDEN, "unknown key; expected uri, or probe with ports")
             if ("uri" in item) == ("probe" in item):
-                raise ConfigError(where, item, "give exactly one of uri or probe")
+                raise ConfigError(where, sorted(item), "give exactly one of uri or probe")
             if "uri" in item:
                 if "ports" in item:
                     raise ConfigError(f"{where}.ports", item["ports"], "ports go with probe, not uri")
-                endpoints.append(parse_endpoint(item["uri"], f"{where}.uri"))
+                endpoint = parse_endpoint(item["uri"], f"{where}.uri", allow_uri_commands=allow_commands)
+                check_transport(with_credentials(endpoint, credentials_for(endpoint.host, rules, default)),
+                                f"{where}.uri")
+                endpoints.append(endpoint)
             else:
                 probes.append((probe_addresses(item["probe"], f"{where}.probe"),
                                probe_ports(item.get("ports"), f"{where}.ports")))
         check_rules_match(rules, [e.host for e in endpoints], has_probes=bool(probes))
-        for option in ("max_workers", "timeout"):
-            value = self.get_option(option)
-            if value is None or value <= 0:
-                raise ConfigError(option, value, "must be greater than 0")
         return endpoints, probes, (rules, default)
 
     def _render(self, value: Any) -> Any:
@@ -236,7 +330,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         try:
             endpoints, probes, (rules, default) = self._plan(config)
         except ConfigError as exc:
-            raise AnsibleParserError(f"{self.NAME} ({path}): {exc}") from None
+            # A value under a secret-looking name is never shown, whichever check found it.
+            text = f"{exc.option}={HIDDEN}: {exc.problem}" if looks_secret(exc.option) else str(exc)
+            raise AnsibleParserError(f"{self.NAME} ({path}): {text}") from None
 
         cache_key = self.get_cache_key(path)
         use_cache = self.get_option("cache")
@@ -263,7 +359,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         for addresses, ports in probes:
             self._progress(f"probing {len(addresses)} address(es) on ports {ports}")
             hits, misses = probe(addresses, ports, timeout, workers,
-                                 lambda host: credentials_for(host, rules, default), self._progress)
+                                 lambda host: credentials_for(host, rules, default), self._progress,
+                                 allow_plaintext=bool(self.get_option("allow_plaintext")))
             found.extend(hits)
             unknown.extend(misses)
         targets = self._attach(dedupe(endpoints + found), rules, default)
@@ -277,113 +374,114 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         return results
 
     # ------------------------------------------------------------------ inventory building (pure)
+    # Group names made by compose's keyed_groups/groups go through this too (Constructable calls it).
+    _sanitize_group_name = staticmethod(safe_group_name)
+
     def _populate(self, results: List[Dict[str, Any]]) -> None:
-        """Turn discovery results (plain dicts, e.g. from the cache) into hosts, groups and hostvars."""
+        """Turn discovery results (plain dicts, e.g. from the cache) into hosts, groups and hostvars.
+
+        Every name is decided first (_Names), against the hosts and groups already in the inventory and every
+        group this run makes; hosts join groups by add_host(group=), which never mistakes a host for a group."""
         inv = self.inventory
         strict = bool(self.get_option("strict"))
         want_guests = bool(self.get_option("guests"))
-        for group in ("hypervisors", "guests", "unreachable"):
-            inv.add_group(group)
 
         errors = [r for r in results if r.get("error")]
         if strict and errors:
             first = errors[0]
             raise AnsibleParserError(f"{self.NAME}: endpoint {first['endpoint']['uri']} failed: {first['error']}")
 
-        hv_names = self._hypervisor_names(results)
-        for result in results:
-            label = result["endpoint"]["host"] or result["endpoint"]["uri"]
-            if result.get("error"):
-                inv.add_host(label, group="unreachable")
-                inv.set_variable(label, "virtfleet_error", wrap_var(result["error"]))
-                inv.set_variable(label, "virtfleet_endpoint", wrap_var(result["endpoint"]))
-                continue
-            identity = result["identity"]
-            if identity["type"] == "vcenter":
-                inv.add_group("vcenters")
-                inv.add_host(label, group="vcenters")
-                inv.set_variable(label, "ansible_host", wrap_var(result["endpoint"]["host"]))
-                managed = [hv_names[(label, h["name"])] for h in result["hypervisors"]]
-                vcenter = dict(identity, endpoint=result["endpoint"]["uri"], hosts=managed)
-                inv.set_variable(label, "virtfleet_vcenter", wrap_var(vcenter))
-            if result.get("bmc"):
-                inv.add_group("bmcs")
-                inv.add_host(label, group="bmcs")
-                inv.set_variable(label, "ansible_host", wrap_var(result["endpoint"]["host"]))
-                inv.set_variable(label, "virtfleet_bmc", wrap_var(result["bmc"]))
+        ok = [r for r in results if not r.get("error")]
+        groups = set(inv.groups) | set(FIXED_GROUPS) | {safe_group_name(g) for g in self.get_option("groups") or {}}
+        for result in ok:
             for hv in result.get("hypervisors", []):
-                self._add_hypervisor(hv_names[(label, hv["name"])], hv, result, strict)
+                groups.add(safe_group_name(hv["type"]))
+                if hv.get("cluster"):
+                    groups.add(safe_group_name(f"cluster_{hv['cluster']}"))
+        names = _Names(set(inv.hosts), groups)
 
+        # 1. Endpoints that are hosts of their own: unreachable ones, vCenters, BMCs - named as the user wrote them.
+        own = [r for r in results if r.get("error") or r["identity"]["type"] == "vcenter" or r.get("bmc")]
+        labels = dict(zip((id(r) for r in own), names.assign(
+            [(self._label(r), r["endpoint"]["api"], str(r["endpoint"].get("port") or "")) for r in own],
+            "endpoint")))
+        # 2. Hypervisors; 3. the holder group of each; 4. guests.
+        pairs = [(r, hv) for r in ok for hv in r.get("hypervisors", [])]
+        hv_list = names.assign([(hv["name"], self._label(r), str(i)) for i, (r, hv) in enumerate(pairs)],
+                               "hypervisor")
+        hv_names = {(self._label(r), hv["name"]): name for (r, hv), name in zip(pairs, hv_list)}
+        groups.update(safe_group_name(f"guests_of_{name}") for name in hv_list)
+
+        for group in ("hypervisors", "guests", "unreachable"):
+            inv.add_group(group)
+        for result in results:
+            if id(result) in labels:
+                self._add_endpoint_host(labels[id(result)], result, hv_names)
+        for (result, hv), name in zip(pairs, hv_list):
+            self._add_hypervisor(name, hv, result, strict)
         if want_guests:
-            self._add_guests(results, hv_names, strict)
+            self._add_guests(ok, hv_names, names, strict)
 
-    def _hypervisor_names(self, results: List[Dict[str, Any]]) -> Dict[Tuple[str, str], str]:
-        """(endpoint label, hypervisor name) -> inventory name; a name two endpoints share gets '@endpoint'."""
-        pairs = [((r["endpoint"]["host"] or r["endpoint"]["uri"]), hv["name"])
-                 for r in results if not r.get("error") for hv in r.get("hypervisors", [])]
-        counts: Dict[str, int] = {}
-        for _label, name in pairs:
-            counts[name] = counts.get(name, 0) + 1
-        names = {}
-        for label, name in pairs:
-            if counts[name] > 1:
-                names[(label, name)] = f"{name}@{label}"
-                display.warning(f"{self.NAME}: hypervisor name '{name}' is reported by several endpoints; "
-                                f"named '{name}@{label}'")
-            else:
-                names[(label, name)] = name
-        return names
+    @staticmethod
+    def _label(result: Dict[str, Any]) -> str:
+        endpoint = result["endpoint"]
+        return str(endpoint["host"] or endpoint["uri"])
+
+    def _join(self, host: str, group: str) -> None:
+        self.inventory.add_group(group)
+        self.inventory.add_host(host, group=group)
+
+    def _add_endpoint_host(self, name: str, result: Dict[str, Any], hv_names: Dict[Tuple[str, str], str]) -> None:
+        inv = self.inventory
+        if result.get("error"):
+            self._join(name, "unreachable")
+            inv.set_variable(name, "virtfleet_error", wrap_var(result["error"]))
+            inv.set_variable(name, "virtfleet_endpoint", wrap_var(result["endpoint"]))
+            return
+        if result["identity"]["type"] == "vcenter":
+            self._join(name, "vcenters")
+            managed = [hv_names[(self._label(result), h["name"])] for h in result["hypervisors"]]
+            vcenter = dict(result["identity"], endpoint=result["endpoint"]["uri"], hosts=managed)
+            inv.set_variable(name, "virtfleet_vcenter", wrap_var(vcenter))
+        if result.get("bmc"):
+            self._join(name, "bmcs")
+            inv.set_variable(name, "virtfleet_bmc", wrap_var(result["bmc"]))
+        inv.set_variable(name, "ansible_host", wrap_var(result["endpoint"]["host"]))
 
     def _add_hypervisor(self, name: str, hv: Dict[str, Any], result: Dict[str, Any], strict: bool) -> None:
         inv = self.inventory
-        inv.add_host(name, group="hypervisors")
-        type_group = to_safe_group_name(hv["type"])
-        inv.add_group(type_group)
-        inv.add_child(type_group, name)
+        self._join(name, "hypervisors")
+        self._join(name, safe_group_name(hv["type"]))
         if hv.get("cluster"):
-            group = to_safe_group_name(f"cluster_{hv['cluster']}")
-            inv.add_group(group)
-            inv.add_child(group, name)
-        facts = dict(hv, name=name)
+            self._join(name, safe_group_name(f"cluster_{hv['cluster']}"))
+        # Wrapped once, and the same (unsafe on every ansible-core) value goes to hostvars and to compose.
+        facts = wrap_var(dict(hv, name=name))
         # A vCenter-managed host is reached by its vCenter name; a direct endpoint by its address as written.
         ansible_host = hv["name"] if hv.get("manager") and result["identity"]["type"] == "vcenter" else (
             result["endpoint"]["host"] or hv["name"])
         inv.set_variable(name, "ansible_host", wrap_var(ansible_host))
-        inv.set_variable(name, "virtfleet_hypervisor", wrap_var(facts))
+        inv.set_variable(name, "virtfleet_hypervisor", facts)
         self._construct(name, {"virtfleet_hypervisor": facts}, strict)
 
-    def _add_guests(self, results: List[Dict[str, Any]], hv_names: Dict[Tuple[str, str], str], strict: bool) -> None:
+    def _add_guests(self, results: List[Dict[str, Any]], hv_names: Dict[Tuple[str, str], str], names: _Names,
+                    strict: bool) -> None:
         inv = self.inventory
         entries = []
         for result in results:
-            if result.get("error"):
-                continue
-            label = result["endpoint"]["host"] or result["endpoint"]["uri"]
+            label = self._label(result)
             for guest in result.get("guests", []):
                 hypervisor = hv_names.get((label, guest.get("hypervisor") or ""), guest.get("hypervisor") or label)
                 entries.append((guest, hypervisor))
-        counts: Dict[str, int] = {}
-        for guest, _hv in entries:
-            counts[guest["name"]] = counts.get(guest["name"], 0) + 1
-        taken = set(hv_names.values())
-        for guest, hypervisor in entries:
-            name = guest["name"]
-            if counts[name] > 1 or name in taken:
-                renamed = f"{name}@{hypervisor}"
-                display.warning(f"{self.NAME}: guest name '{name}' is not unique; this one on '{hypervisor}' "
-                                f"is named '{renamed}'")
-                name = renamed
-            facts = dict(guest, hypervisor=hypervisor)
-            inv.add_host(name, group="guests")
-            state_group = to_safe_group_name(guest["power_state"])
-            inv.add_group(state_group)
-            inv.add_child(state_group, name)
-            holder = to_safe_group_name(f"guests_of_{hypervisor}")
-            inv.add_group(holder)
-            inv.add_child(holder, name)
+        guest_names = names.assign([(str(g["name"]), hv, str(g.get("uuid") or i))
+                                    for i, (g, hv) in enumerate(entries)], "guest")
+        for (guest, hypervisor), name in zip(entries, guest_names):
+            facts = wrap_var(dict(guest, hypervisor=hypervisor))
+            self._join(name, "guests")
+            self._join(name, safe_group_name(guest["power_state"]))
+            self._join(name, safe_group_name(f"guests_of_{hypervisor}"))
             if guest.get("ip_addresses"):
                 inv.set_variable(name, "ansible_host", wrap_var(guest["ip_addresses"][0]))
-            inv.set_variable(name, "virtfleet_guest", wrap_var(facts))
+            inv.set_variable(name, "virtfleet_guest", facts)
             self._construct(name, {"virtfleet_guest": facts}, strict)
 
     def _construct(self, host: str, variables: Dict[str, Any], strict: bool) -> None:

@@ -16,9 +16,17 @@ import socket
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ._endpoints import LIBVIRT_PORTS, Credentials, Endpoint, public_summary, with_credentials
+from ._endpoints import (
+    LIBVIRT_PORTS,
+    PLAINTEXT_LIBVIRT_PORTS,
+    Credentials,
+    Endpoint,
+    public_summary,
+    with_credentials,
+)
 from ._errors import EndpointError, VirtfleetError, one_line
-from .backends.base import HypervisorBackend, backend_for
+from .backends import backend_for
+from .backends.base import HypervisorBackend
 
 BackendFactory = Callable[[Endpoint, float], HypervisorBackend]
 Progress = Callable[[str], None]
@@ -126,17 +134,24 @@ def _port_open(address: str, port: int, timeout: float) -> bool:
 
 
 def _identify_open_port(address: str, port: int, timeout: float, factory: BackendFactory,
-                        creds: Credentials) -> Tuple[Optional[Endpoint], Optional[str]]:
-    """What answers on an open port: (endpoint, None), or (None, why nothing known answered)."""
+                        creds: Credentials, allow_plaintext: bool = False) -> Tuple[Optional[Endpoint], Optional[str]]:
+    """What answers on an open port: (endpoint, None), or (None, why nothing known answered).
+
+    Only TLS is tried (vSphere, Redfish over https, libvirt over TLS) unless ALLOW_PLAINTEXT: then also Redfish
+    over plain http and libvirt over plain TCP, where credentials travel in the clear."""
     host = f"[{address}]" if ":" in address else address
     candidates: List[Endpoint] = []
     if port in LIBVIRT_PORTS:
+        if port in PLAINTEXT_LIBVIRT_PORTS and not allow_plaintext:
+            return None, (f"port {port} is libvirt over plain TCP ({LIBVIRT_PORTS[port]}), not tried: set "
+                          "allow_plaintext: true to use it, or list a qemu+tls:// or qemu+ssh:// uri")
         candidates.append(Endpoint(api="libvirt", uri=f"{LIBVIRT_PORTS[port]}://{host}/system", host=address,
                                    port=port))
     else:
         candidates.append(Endpoint(api="vsphere", uri=f"vsphere://{host}:{port}", host=address, port=port))
         candidates.append(Endpoint(api="redfish", uri=f"redfish://{host}:{port}", host=address, port=port))
-        candidates.append(Endpoint(api="redfish", uri=f"redfish+http://{host}:{port}", host=address, port=port))
+        if allow_plaintext:
+            candidates.append(Endpoint(api="redfish", uri=f"redfish+http://{host}:{port}", host=address, port=port))
     reasons = []
     for candidate in (with_credentials(c, creds) for c in candidates):
         if candidate.api == "libvirt":
@@ -156,10 +171,11 @@ def _identify_open_port(address: str, port: int, timeout: float, factory: Backen
 def probe(addresses: Sequence[str], ports: Sequence[int], timeout: float, max_workers: int,
           credentials: Callable[[str], Credentials] = lambda _host: Credentials(),
           progress: Progress = _no_progress, factory: BackendFactory = backend_for,
-          ) -> Tuple[List[Endpoint], List[Dict[str, Any]]]:
+          allow_plaintext: bool = False) -> Tuple[List[Endpoint], List[Dict[str, Any]]]:
     """Scan ADDRESSES x PORTS: endpoints that identified themselves, and open ports where nothing known answered.
 
     CREDENTIALS gives the credentials for an address (TLS verification applies to identification too).
+    Plain HTTP and plain libvirt TCP are only tried with ALLOW_PLAINTEXT (see _identify_open_port).
 
     The connect timeout is kept short (a closed or filtered port is the common case in a range)."""
     targets = [(a, p) for a in addresses for p in ports]
@@ -172,7 +188,7 @@ def probe(addresses: Sequence[str], ports: Sequence[int], timeout: float, max_wo
         address, port = target
         if not _port_open(address, port, connect_timeout):
             return None, None
-        endpoint, why = _identify_open_port(address, port, timeout, factory, credentials(address))
+        endpoint, why = _identify_open_port(address, port, timeout, factory, credentials(address), allow_plaintext)
         if endpoint is None:
             return None, {"address": address, "port": port, "error": f"nothing known answered ({why})"}
         return endpoint, None

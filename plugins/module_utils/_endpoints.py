@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import ipaddress
+import math
 import os
+import re
+import ssl
 from typing import Any, Dict, List, Optional, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ansible.module_utils.parsing.convert_bool import boolean
 
@@ -21,6 +25,46 @@ REDFISH_SCHEMES = ("redfish", "redfish+http")
 DEFAULT_PROBE_PORTS = (443, 16509, 16514)
 MAX_PROBE_ADDRESSES = 4096
 LIBVIRT_PORTS = {16509: "qemu+tcp", 16514: "qemu+tls"}
+# What a probe may try on a port without the user's leave to talk in the clear (allow_plaintext).
+PLAINTEXT_LIBVIRT_PORTS = (16509,)
+# libvirt URI parts that make libvirt run a program: the ext transport runs `command=` on this machine, and
+# the ssh transports run `netcat=` (a shell command line) on the remote one.
+LIBVIRT_COMMAND_PARAMS = ("command", "netcat")
+LIBVIRT_COMMAND_TRANSPORTS = ("ext",)
+# Bounds of the numeric options shared by the modules and the inventory plugin.
+MAX_TIMEOUT = 3600.0
+MAX_WORKERS = 256
+HIDDEN = "<not shown>"
+_SECRET_WORDS = re.compile(r"pass|pwd|secret|token|credential|auth|cookie|session|private|(^|_)key($|_)|apikey",
+                           re.IGNORECASE)
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an option NAME (its last part: credentials[0].password -> password) looks like it holds a
+    secret (password, token, api_key, ...)."""
+    last = re.sub(r"\[\d+\]$", "", str(name).rsplit(".", 1)[-1])
+    return bool(_SECRET_WORDS.search(last))
+
+
+def uri_password(uri: Any) -> Optional[str]:
+    """The password in a URI's user info, if any (for a module to hide it from its own invocation)."""
+    try:
+        return urlsplit(uri).password if isinstance(uri, str) else None
+    except ValueError:
+        return None
+
+
+def redacted_uri(uri: str) -> str:
+    """URI with the password of its user info (user:password@) replaced, for messages."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return HIDDEN
+    if parts.password is None:
+        return uri
+    userinfo, _sep, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:{HIDDEN}@{hostport}").geturl()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +72,8 @@ class Credentials:
     username: Optional[str] = None
     password: Optional[str] = dataclasses.field(default=None, repr=False)
     validate_certs: bool = True
+    # A PEM file or a directory of hashed certificates: then only these CAs are trusted (vSphere, Redfish).
+    ca_path: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +103,25 @@ def _scheme_family(scheme: str) -> Optional[str]:
     return None
 
 
-def parse_endpoint(uri: str, option: str = "uri") -> Endpoint:
-    """Parse one endpoint URI; a bad one raises ConfigError naming OPTION and the value."""
+def parse_endpoint(uri: str, option: str = "uri", allow_uri_commands: bool = False) -> Endpoint:
+    """Parse one endpoint URI; a bad one raises ConfigError naming OPTION and the value (never a password).
+
+    A password in the URI is refused (it would land in hostvars, the cache and results), and so are libvirt
+    URIs that run a program (the ext transport, command=, netcat=) unless ALLOW_URI_COMMANDS."""
     if not isinstance(uri, str) or not uri.strip():
         raise ConfigError(option, uri, "expected a URI such as vsphere://esx01.example.com or qemu:///system")
     uri = uri.strip()
     if "://" not in uri:
-        raise ConfigError(option, uri, f"no scheme; write vsphere://{uri} for ESXi/vCenter "
-                                       f"or qemu+ssh://{uri}/system for libvirt")
-    parts = urlsplit(uri)
+        raise ConfigError(option, redacted_uri(uri), f"no scheme; write vsphere://{uri} for ESXi/vCenter "
+                                                     f"or qemu+ssh://{uri}/system for libvirt")
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        raise ConfigError(option, HIDDEN, "not a valid URI") from None
+    if password is not None:
+        raise ConfigError(option, redacted_uri(uri), "a password in the URI is refused (it would be shown and "
+                                                     "stored with the endpoint); use the password option")
     family = _scheme_family(parts.scheme)
     if family is None:
         raise ConfigError(option, uri, f"unknown scheme '{parts.scheme}'; use vsphere://, redfish://, "
@@ -78,11 +134,67 @@ def parse_endpoint(uri: str, option: str = "uri") -> Endpoint:
     if family in ("vsphere", "redfish"):
         if not host:
             raise ConfigError(option, uri, "no host; write e.g. vsphere://esx01.example.com")
+        if parts.username is not None:
+            raise ConfigError(option, uri, "a user in the URI is not used here; use the username option")
         if parts.path not in ("", "/") and family == "vsphere":
             raise ConfigError(option, uri, "a vSphere endpoint is vsphere://host[:port], with no path")
+        if parts.query or parts.fragment:
+            raise ConfigError(option, uri, f"a {family} endpoint takes no query or fragment")
         default_port = 80 if parts.scheme == "redfish+http" else 443
         return Endpoint(api=family, uri=uri, host=host, port=port or default_port)
+    transport = parts.scheme.split("+", 1)[1] if "+" in parts.scheme else ""
+    params = {key.lower() for key, _value in parse_qsl(parts.query, keep_blank_values=True)}
+    runs = sorted(params & set(LIBVIRT_COMMAND_PARAMS))
+    if not allow_uri_commands and (transport in LIBVIRT_COMMAND_TRANSPORTS or runs):
+        what = f"the parameter {runs[0]}=" if runs else f"the {transport} transport"
+        raise ConfigError(option, uri, f"{what} makes libvirt run a program; refused unless "
+                                       "allow_uri_commands is true")
     return Endpoint(api="libvirt", uri=uri, host=host or None, port=port)
+
+
+def check_transport(endpoint: Endpoint, option: str = "uri") -> None:
+    """TLS settings of ENDPOINT's URI that contradict its credentials: libvirt's no_verify=1 would turn off
+    the certificate check that validate_certs: true asks for, so it is refused rather than silently winning."""
+    if endpoint.api != "libvirt" or not endpoint.credentials.validate_certs:
+        return
+    for key, value in parse_qsl(urlsplit(endpoint.uri).query, keep_blank_values=True):
+        if key.lower() == "no_verify" and value.strip() not in ("", "0"):
+            raise ConfigError(option, endpoint.uri, "no_verify turns off TLS certificate checks while "
+                                                    "validate_certs is true; remove it, or set validate_certs: false")
+
+
+def check_bounds(option: str, value: Any, upper: float, integer: bool = False) -> None:
+    """A timeout or worker count: a finite number greater than 0 and at most UPPER."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(option, value, "expected a number")
+    if not math.isfinite(value) or value <= 0 or value > upper:
+        raise ConfigError(option, value, f"must be greater than 0 and at most {upper:g}")
+    if integer and int(value) != value:
+        raise ConfigError(option, value, "expected a whole number")
+
+
+@functools.lru_cache(maxsize=8)
+def tls_context(validate: bool, ca_path: Optional[str] = None) -> ssl.SSLContext:
+    """One TLS client context per process and setting, shared by every endpoint (loading the system CA
+    store took ~45 ms per endpoint, profiled; a context is safe to share). With CA_PATH only its CAs
+    are trusted; hostname and certificate are checked unless VALIDATE is false."""
+    if validate:
+        if ca_path and os.path.isdir(ca_path):
+            return ssl.create_default_context(capath=ca_path)
+        return ssl.create_default_context(cafile=ca_path or None)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # validate_certs: false, the user's explicit choice
+    return ctx
+
+
+def check_ca_path(option: str, value: Any) -> Optional[str]:
+    """A CA bundle file or certificate directory that exists, or None."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not (os.path.isfile(value) or os.path.isdir(value)):
+        raise ConfigError(option, value, "not a CA certificate file or directory on this machine")
+    return value
 
 
 def probe_addresses(spec: str, option: str = "probe") -> List[str]:
@@ -116,19 +228,27 @@ def probe_ports(ports: Any, option: str = "ports") -> List[int]:
 
 
 def env_credentials(username: Optional[str] = None, password: Optional[str] = None,
-                    validate_certs: Optional[Any] = None) -> Credentials:
-    """Fill what was not given from VMWARE_USER / VMWARE_PASSWORD / VMWARE_VALIDATE_CERTS (AWX injects these)."""
+                    validate_certs: Optional[Any] = None, ca_path: Optional[str] = None,
+                    option: str = "") -> Credentials:
+    """Fill what was not given from VMWARE_USER / VMWARE_PASSWORD / VMWARE_VALIDATE_CERTS (AWX injects these)
+    and VIRTFLEET_CA_PATH / REQUESTS_CA_BUNDLE. OPTION prefixes the option names in errors."""
     if username is None:
         username = os.environ.get("VMWARE_USER") or None
     if password is None:
         password = os.environ.get("VMWARE_PASSWORD") or None
     if validate_certs is None:
         validate_certs = os.environ.get("VMWARE_VALIDATE_CERTS", True)
+    if ca_path is None:
+        ca_path = os.environ.get("VIRTFLEET_CA_PATH") or os.environ.get("REQUESTS_CA_BUNDLE") or None
     try:
         verify = boolean(validate_certs, strict=True)
     except TypeError:
-        raise ConfigError("validate_certs", validate_certs, "expected a boolean") from None
-    return Credentials(username=username, password=password, validate_certs=verify)
+        raise ConfigError(f"{option}validate_certs", validate_certs, "expected a boolean") from None
+    for name, value in (("username", username), ("password", password)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{option}{name}", HIDDEN if name == "password" else value, "expected a string")
+    return Credentials(username=username, password=password, validate_certs=verify,
+                       ca_path=check_ca_path(f"{option}ca_path", ca_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,24 +263,27 @@ def parse_credential_rules(rules: Any, option: str = "credentials",
     if rules is None:
         return []
     if not isinstance(rules, list):
-        raise ConfigError(option, rules, "expected a list of {match, username, password, validate_certs}")
+        raise ConfigError(option, HIDDEN, "expected a list of {match, username, password, validate_certs, ca_path}")
     out = []
-    allowed = {"match", "username", "password", "validate_certs"}
+    allowed = {"match", "username", "password", "validate_certs", "ca_path"}
     for i, rule in enumerate(rules):
         where = f"{option}[{i}]"
         if not isinstance(rule, dict):
-            raise ConfigError(where, "<redacted>", "expected a dict with match, username, password, validate_certs")
-        unknown = sorted(set(rule) - allowed)
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "<redacted>" if "pass" in unknown[0] else rule[unknown[0]],
+            raise ConfigError(where, HIDDEN, "expected a dict with match, username, password, validate_certs, "
+                                             "ca_path")
+        unknown = sorted(set(rule) - allowed, key=str)
+        if unknown:  # the value of an unknown key is never shown: it may well be a misspelt password
+            raise ConfigError(f"{where}.{unknown[0]}", HIDDEN,
                               f"unknown option; expected one of {', '.join(sorted(allowed))}")
         match = rule.get("match")
         if not isinstance(match, str) or not match:
             raise ConfigError(f"{where}.match", match, "expected a host name glob such as 'esx*.example.com'")
-        verify = rule.get("validate_certs")
+        verify, ca_path = rule.get("validate_certs"), rule.get("ca_path")
         if verify is None and default is not None:
             verify = default.validate_certs
-        creds = env_credentials(rule.get("username"), rule.get("password"), verify)
+        if ca_path is None and default is not None:
+            ca_path = default.ca_path
+        creds = env_credentials(rule.get("username"), rule.get("password"), verify, ca_path, option=f"{where}.")
         out.append(CredentialRule(match=match, credentials=creds))
     return out
 

@@ -87,6 +87,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     endpoint_from_params,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._discovery import discover_endpoint, paused_gc
+from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import uri_password
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError
 
 
@@ -94,6 +95,9 @@ def main() -> None:
     spec = connection_argument_spec()
     spec["guests"] = {"type": "bool", "default": False}
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    secret = uri_password(module.params.get("uri"))
+    if secret:  # refused below; hidden from the failure's invocation too
+        module.no_log_values.add(secret)
     try:
         endpoint = endpoint_from_params(module.params)
     except VirtfleetError as exc:

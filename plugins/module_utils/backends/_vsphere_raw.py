@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import http.client
 import http.cookies
+import io
+import socket
 import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
@@ -35,6 +38,119 @@ _ENVELOPE = ('<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
              '</soapenv:Body></soapenv:Envelope>')
 _SOAPENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
 SESSION_COOKIE = "vmware_soap_session"
+# Bounds of one call: the answer's size, and the whole call (connect, request, answer) in multiples of the
+# per-operation timeout. A 1,000-VM page is ~20 MB; RetrieveServiceContent (identification, and the first
+# thing a probed address is asked) is ~5 KB.
+MAX_ANSWER_BYTES = 256 << 20
+MAX_IDENTIFY_BYTES = 1 << 20
+CALL_DEADLINE_FACTOR = 6.0
+
+
+class DeadlineExceeded(Exception):
+    """A call whose whole answer did not arrive within its deadline (a slow or stalled endpoint)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.msg = message
+
+
+class AnswerTooLarge(Exception):
+    """An answer over the size limit of its call; not read further."""
+
+
+class _BoundedReader(io.RawIOBase):
+    """The socket's reads (through its own SocketIO, which keeps the socket open while it is read), each
+    waiting at most until the connection's deadline."""
+
+    def __init__(self, raw: Any, sock: socket.socket, conn: BoundedConnection) -> None:
+        super().__init__()
+        self._raw, self._sock, self._conn = raw, sock, conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._conn.arm(self._sock)
+        try:
+            return int(self._raw.readinto(buffer))
+        except socket.timeout:
+            self._conn.remaining()  # the deadline, if that is what ended the wait
+            raise
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _BoundedSocket:
+    """A connected socket as http.client uses it (sendall, makefile, close), held to the call's deadline."""
+
+    def __init__(self, sock: socket.socket, conn: BoundedConnection) -> None:
+        self._sock, self._conn = sock, conn
+
+    def makefile(self, mode: str = "rb", *_args: Any, **_kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_BoundedReader(self._sock.makefile("rb", buffering=0), self._sock, self._conn))
+
+    def sendall(self, data: Any) -> None:
+        self._conn.arm(self._sock)
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class BoundedConnection:
+    """Mixin for http.client connections: every wait (connect, TLS handshake, each read and write) ends by
+    the deadline of the current call, set with start(BUDGET) before each request. A drip-feeding endpoint
+    cannot hold a call longer than its budget, however it splits its answer."""
+
+    timeout: Any
+    sock: Any
+    deadline: float = float("inf")
+    budget: float = 0.0
+    op_timeout: float = 10.0
+
+    def start(self, budget: float) -> None:
+        self.budget, self.deadline = budget, time.monotonic() + budget
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"no complete answer within {self.budget:g}s (the per-call deadline)")
+        return left
+
+    def arm(self, sock: socket.socket) -> None:
+        sock.settimeout(min(self.op_timeout, self.remaining()))
+
+    def connect(self) -> None:
+        self.timeout = min(self.op_timeout, self.remaining())
+        super().connect()  # type: ignore[misc]
+        self.sock = _BoundedSocket(self.sock, self)
+
+
+class BoundedHTTPSConnection(BoundedConnection, http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(host, port, context=context, timeout=timeout)
+        self.op_timeout = timeout
+
+
+class BoundedHTTPConnection(BoundedConnection, http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.op_timeout = timeout
+
+
+def read_bounded(response: Any, limit: int, feed: Callable[[bytes], None]) -> int:
+    """Read RESPONSE in chunks into FEED, at most LIMIT bytes (else AnswerTooLarge); the bytes read."""
+    size = 0
+    while True:
+        chunk = response.read(1 << 16)
+        if not chunk:
+            return size
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"answer larger than {limit >> 20 or 1} MiB; not read further")
+        feed(chunk)
 
 
 class SoapFault(Exception):
@@ -82,45 +198,49 @@ class Session:
     """One endpoint's SOAP session: its cookie and a pool of keep-alive connections, one per concurrent call.
 
     ON_CALL is called once per round trip (the backend counts them). Thread-safe: the VM read of a large
-    endpoint runs in concurrent parts, each on its own connection.
+    endpoint runs in concurrent parts, each on its own connection. Each call is bounded: its answer by
+    MAX_ANSWER_BYTES, its whole duration by CALL_DEADLINE (default CALL_DEADLINE_FACTOR x TIMEOUT).
     """
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float,
-                 on_call: Callable[[], None]) -> None:
+                 on_call: Callable[[], None], call_deadline: Optional[float] = None) -> None:
         self.host, self.port, self.context, self.timeout = host, port, context, timeout
+        self.call_deadline = call_deadline or CALL_DEADLINE_FACTOR * timeout
         self.on_call = on_call
         self.cookie: Optional[str] = None
-        self._idle: List[http.client.HTTPSConnection] = []
+        self._idle: List[BoundedHTTPSConnection] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> http.client.HTTPSConnection:
+    def _connection(self) -> BoundedHTTPSConnection:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=self.timeout)
+        return BoundedHTTPSConnection(self.host, self.port, self.context, self.timeout)
 
-    def call(self, method: str, this: Tuple[str, str], args: str = "") -> ET.Element:
+    def call(self, method: str, this: Tuple[str, str], args: str = "",
+             max_bytes: int = MAX_ANSWER_BYTES) -> ET.Element:
         """METHOD on managed object THIS = (type, moref id), with ARGS (XML, already escaped); its <returnval>
-        (an empty one for a void method). A fault raises SoapFault; network and TLS errors raise as they are."""
+        (an empty one for a void method). A fault, or an answer over MAX_BYTES, raises SoapFault; a call
+        over its deadline raises DeadlineExceeded; network and TLS errors raise as they are."""
         body = _ENVELOPE.format(method=method, kind=this[0], moid=escape(this[1]), args=args).encode()
         headers = {"Content-Type": "text/xml; charset=UTF-8", "SOAPAction": SOAP_ACTION}
         if self.cookie:
             headers["Cookie"] = self.cookie
         conn = self._connection()
+        conn.start(self.call_deadline)
         try:
             conn.request("POST", "/sdk", body, headers)
             response = conn.getresponse()
             # Parsed while it arrives, so that parsing overlaps the endpoint still writing the answer.
             parser = ET.XMLParser()  # noqa: S314 - ElementTree does not resolve external entities
-            while True:
-                chunk = response.read(1 << 16)
-                if not chunk:
-                    break
-                parser.feed(chunk)
+            read_bounded(response, max_bytes, parser.feed)
             root = parser.close()
         except ET.ParseError:
             conn.close()
             raise SoapFault("", f"HTTP {response.status}, not a vSphere SOAP answer") from None
+        except AnswerTooLarge as exc:
+            conn.close()
+            raise SoapFault("", str(exc)) from None
         except Exception:
             conn.close()
             raise
@@ -143,7 +263,8 @@ class Session:
         return returnval if returnval is not None else ET.Element(f"{VIM}returnval")
 
     def service_content(self) -> ServiceContent:
-        return ServiceContent(self.call("RetrieveServiceContent", ("ServiceInstance", "ServiceInstance")))
+        return ServiceContent(self.call("RetrieveServiceContent", ("ServiceInstance", "ServiceInstance"),
+                                        max_bytes=MAX_IDENTIFY_BYTES))
 
     def login(self, content: ServiceContent, username: str, password: str) -> None:
         self.call("Login", ("SessionManager", content.session_manager),

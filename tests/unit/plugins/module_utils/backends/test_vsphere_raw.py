@@ -146,6 +146,10 @@ class FakeConnection:
         self.responses = responses
         self.sent: list[tuple[str, str, bytes, dict[str, str]]] = []
         self.closed = False
+        self.budgets: list[float] = []
+
+    def start(self, budget: float) -> None:
+        self.budgets.append(budget)
 
     def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
         self.sent.append((method, path, body, headers))
