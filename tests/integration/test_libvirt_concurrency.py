@@ -1,0 +1,165 @@
+"""Two runs converging the same libvirt host at once (two AWX jobs, a pipeline and a person): both `guests`
+module runs really run at the same time against the lab's libvirtd, with the same guest list.
+
+The collection relies on create-exclusive semantics rather than a lock: libvirt refuses a second domain of a name
+under another uuid, and a volume that exists already; what the other run made is then not ours to delete. So the
+end state is the declared one, every guest exists once, no volume is lost, and each run either reports the
+change or fails that guest with "created meanwhile by another run".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+
+
+@pytest.fixture()
+def guest_names(libvirt_conn: Any, lab: dict[str, Any]) -> Iterator[list[str]]:
+    tag = uuid.uuid4().hex[:6]
+    used = [f"vftest-race-{tag}-{i}" for i in range(4)]
+    yield used
+    pool = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"])
+    pool.refresh(0)
+    for name in used:
+        try:
+            dom = libvirt_conn.lookupByName(name)
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError:
+            pass
+        for vol in pool.listAllVolumes(0):
+            if vol.name().startswith(name + "+"):
+                vol.delete(0)
+
+
+def guests_args(lab: dict[str, Any], names: list[str], vcpus: int) -> dict[str, Any]:
+    return {"uri": lab["libvirt"]["uri"], "datastore": lab["libvirt"]["pool"], "domain_type": lab["domain_type"],
+            "guests": [{"name": n, "vcpus": vcpus, "memory_mib": 64, "disks": [{"name": "root", "size_gib": 0.01}],
+                        "nics": [{"network": lab["libvirt"]["network"]}],
+                        "cloud_init": {"meta_data": {"instance-id": n}}, "tags": {"suite": "race"}} for n in names]}
+
+
+def at_once(args: dict[str, Any], env: dict[str, str], runs: int = 2) -> list[dict[str, Any]]:
+    """RUNS `guests` module processes started together; their results."""
+    cmd = [str(BIN / "ansible"), "localhost", "-m", "virtfleet.core.guests", "-a", json.dumps(args)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(runs)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        head, sep, body = out.partition(" => ")
+        assert sep, f"no result: rc={proc.returncode}\n{out}\n{err}"
+        result = json.loads(body[body.index("{"):])
+        result["_status"] = head.rsplit("|", 1)[-1].strip()
+        results.append(result)
+    return results
+
+
+def per_guest(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["name"]: g for g in result.get("guests", [])}
+
+
+def assert_declared(conn: Any, lab: dict[str, Any], names: list[str], vcpus: int) -> None:
+    listed = [d.name() for d in conn.listAllDomains(0)]
+    pool = conn.storagePoolLookupByName(lab["libvirt"]["pool"])
+    pool.refresh(0)
+    vols = {v.name() for v in pool.listAllVolumes(0)}
+    for name in names:
+        assert listed.count(name) == 1
+        root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        vcpu = root.find("vcpu")
+        assert vcpu is not None and (vcpu.get("current") or vcpu.text) == str(vcpus), name
+        assert len(root.findall("./devices/disk/alias[@name='ua-root']")) == 1, f"{name}: root attached twice"
+        assert {f"{name}+root.qcow2", f"{name}+cidata.iso"} <= vols, f"{name}: a volume was lost"
+
+
+def test_two_runs_at_once_end_in_the_declared_state_and_report_honestly(
+        lab: dict[str, Any], libvirt_conn: Any, ansible_env: dict[str, str], guest_names: list[str]) -> None:
+    results = at_once(guests_args(lab, guest_names, 1), ansible_env)
+    assert_declared(libvirt_conn, lab, guest_names, 1)
+    for name in guest_names:
+        outcomes = [per_guest(r).get(name, {}) for r in results]
+        created = [o for o in outcomes if o.get("changed") and not o.get("failed")]
+        assert created, f"{name}: no run reports having created it: {outcomes}"
+        for outcome in outcomes:
+            if outcome.get("failed"):
+                assert "created meanwhile by another run" in (outcome.get("msg") or ""), outcome
+    for result in results:
+        failed = [g for g in result.get("guests", []) if g.get("failed")]
+        assert (result["_status"] == "FAILED!") == bool(failed), result
+        assert "\n" not in (result.get("msg") or "")
+
+    # Both change the same guests at once: both apply the same change, and the state is still the declared one.
+    updates = at_once(guests_args(lab, guest_names, 2), ansible_env)
+    assert_declared(libvirt_conn, lab, guest_names, 2)
+    for result in updates:
+        for name, outcome in per_guest(result).items():
+            assert not outcome.get("failed") or "meanwhile" in (outcome.get("msg") or ""), (name, outcome)
+
+    settled = at_once(guests_args(lab, guest_names, 2), ansible_env, runs=1)[0]
+    assert settled["changed"] is False, settled
+
+
+def _converge_after_barrier(uri: str, data: list[dict[str, Any]], pool: str, domain_type: str, barrier: Any,
+                            out: Any) -> None:
+    """One run in its own process: it reads the host, waits until the other run has read it too (so both plan
+    the same creates from the same empty host), then applies."""
+    from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge
+    from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import parse_endpoint
+    from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement, guest_spec_from_dict
+    from ansible_collections.virtfleet.core.plugins.module_utils.backends.libvirt import LibvirtBackend
+
+    with LibvirtBackend(parse_endpoint(uri), 30) as backend:
+        read = backend.read_guests
+
+        def read_then_wait(placement: Any) -> Any:
+            states = read(placement)
+            if not getattr(backend, "_waited", False):
+                backend._waited = True  # type: ignore[attr-defined]
+                barrier.wait(60)
+            return states
+
+        backend.read_guests = read_then_wait  # type: ignore[method-assign]
+        results = converge(backend, [guest_spec_from_dict(d) for d in data],
+                           Placement(pool=pool, domain_type=domain_type), RunOptions())
+    out.put([r.to_dict() for r in results])
+
+
+def test_two_runs_that_planned_the_same_creates_race_safely(
+        lab: dict[str, Any], libvirt_conn: Any, guest_names: list[str]) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    args = guests_args(lab, guest_names, 1)
+    data = [{**g, "disks": [{**d, "pool": lab["libvirt"]["pool"]} for d in g["disks"]]} for g in args["guests"]]
+    procs = [ctx.Process(target=_converge_after_barrier,
+                         args=(lab["libvirt"]["uri"], data, lab["libvirt"]["pool"], lab["domain_type"], barrier, out))
+             for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    runs = [out.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    assert_declared(libvirt_conn, lab, guest_names, 1)
+    meanwhile = 0
+    for name in guest_names:
+        outcomes = [next(r for r in run if r["name"] == name) for run in runs]
+        assert all(o["action"] == "create" for o in outcomes), "both runs were to plan the create"
+        made = [o for o in outcomes if o["changed"] and not o["failed"]]
+        lost = [o for o in outcomes if o["failed"]]
+        assert len(made) == 1 and len(lost) == 1, f"{name}: exactly one run creates it: {outcomes}"
+        assert "created meanwhile by another run" in lost[0]["msg"] and "\n" not in lost[0]["msg"], lost[0]
+        meanwhile += 1
+    assert meanwhile == len(guest_names)
