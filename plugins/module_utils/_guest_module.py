@@ -7,6 +7,7 @@ Errors become a failure exactly once, here; everything below raises domain excep
 
 from __future__ import annotations
 
+import copy
 import math
 import traceback
 from typing import Any, Dict, List
@@ -16,6 +17,7 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ._argspec import guest_argument_spec, placement_from_params
 from ._converge import RunOptions, converge, diff_of
+from ._endpoints import uri_password
 from ._errors import ConfigError, VirtfleetError, one_line
 from ._guest_read import guest_backend
 from ._model import GuestSpec, guest_spec_from_dict, owner_id
@@ -60,9 +62,45 @@ def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
     return specs
 
 
+NO_LOG = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
+
+
+def hide_secrets(module: AnsibleModule) -> Dict[str, Any]:
+    """What the module returns as ``invocation``, with every secret it was given masked.
+
+    The ``guests`` entries are validated here, not by AnsibleModule (whose messages do not name the guest), so
+    their ``cloud_init.user_data`` is not a declared no_log suboption: it is masked here, and its strings join
+    the module's no_log values so that no output can carry them. A password in ``uri`` is hidden the same way.
+    """
+    secret = uri_password(module.params.get("uri"))
+    if secret:
+        module.no_log_values.add(secret)
+    params = copy.deepcopy(module.params)
+    for entry in params.get("guests") or []:
+        cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None
+        if isinstance(cloud_init, dict) and cloud_init.get("user_data") is not None:
+            user_data = cloud_init["user_data"]
+            for text in _strings(user_data):
+                if len(text) >= 8:  # short values (true, a package name) would mask unrelated output
+                    module.no_log_values.add(text)
+            cloud_init["user_data"] = NO_LOG
+    return {"module_args": params}
+
+
+def _strings(value: Any) -> List[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def run_guests(module: AnsibleModule, single: bool) -> None:
     """Converge the module's guest (SINGLE) or its ``guests`` list and exit."""
     params = module.params
+    invocation = hide_secrets(module)
     try:
         if single:
             specs = [guest_spec_from_dict({k: params[k] for k in guest_argument_spec()})]
@@ -73,11 +111,12 @@ def run_guests(module: AnsibleModule, single: bool) -> None:
         with guest_backend(module) as backend:
             results = converge(backend, specs, placement, options)
     except VirtfleetError as exc:
-        module.fail_json(msg=str(exc))
+        module.fail_json(msg=str(exc), invocation=invocation)
     except Exception as exc:  # noqa: BLE001 - a library error outside the expected ones: one line + traceback
-        module.fail_json(msg=f"unexpected {type(exc).__name__}: {one_line(exc)}", exception=traceback.format_exc())
+        module.fail_json(msg=f"unexpected {type(exc).__name__}: {one_line(exc)}", exception=traceback.format_exc(),
+                         invocation=invocation)
     out: Dict[str, Any] = {"changed": any(r.changed for r in results),
-                           "restart_required": any(r.restart_required for r in results)}
+                           "restart_required": any(r.restart_required for r in results), "invocation": invocation}
     if single:
         out.update({k: v for k, v in results[0].to_dict().items() if k not in ("name", "failed", "msg")})
     else:

@@ -454,8 +454,9 @@ def guest_spec_from_dict(data: Dict[str, Any]) -> GuestSpec:
     cloud_init = None
     if data.get("cloud_init") is not None:
         raw = data["cloud_init"]
-        if not isinstance(raw, dict):
-            raise ConfigError(_where(name, "cloud_init"), raw, "must be a dict")
+        if not isinstance(raw, dict):  # not echoed: it may be a user-data document with passwords
+            raise ConfigError(_where(name, "cloud_init"), type(raw).__name__, "must be a dict of user_data, "
+                                                                              "meta_data, network_config")
         _only(name, "cloud_init", raw, ("user_data", "meta_data", "network_config"))
         docs = {k: (v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in raw.items()}
         if isinstance(raw.get("user_data"), dict):  # a dict is cloud-config (JSON is YAML)

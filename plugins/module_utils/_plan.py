@@ -286,7 +286,12 @@ class Planner:
                 plan.changes.append(Change("power_state", "running", "restarted"))
                 plan.restart_required = False
         elif desired.state == "stopped":
-            if state not in ("stopped",):
+            if state == "stopped" and current.interrupted_restart:
+                # Down because a restart was interrupted, and meant to be: the stop only clears the restart mark,
+                # so that a later `present` run does not start it.
+                plan.power = "stop"
+                plan.changes.append(Change("power_state", "stopped (restart interrupted)", "stopped"))
+            elif state not in ("stopped",):
                 plan.power = "stop"
                 plan.changes.append(Change("power_state", state, "stopped"))
                 plan.restart_required = False

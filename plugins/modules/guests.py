@@ -117,7 +117,9 @@ from ansible_collections.virtfleet.core.plugins.module_utils._guest_module impor
 def main() -> None:
     spec = {**connection_argument_spec(), **placement_argument_spec(), **convergence_argument_spec(),
             **exclusive_argument_spec()}
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    # no_log: no "Invoked with" line in the managed node's journal, whose copy of the guests could hold
+    # cloud-init secrets; results mask them (see _guest_module.hide_secrets).
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True, no_log=True)
     run_guests(module, single=False)
 
 

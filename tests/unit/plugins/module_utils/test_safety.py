@@ -14,10 +14,13 @@ from test_plan import FakeBackend, existing, planner, spec
 from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     convergence_argument_spec,
     exclusive_argument_spec,
+    guest_argument_spec,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
 from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import (
+    NO_LOG,
+    hide_secrets,
     run_options_from_params,
     specs_from_entries,
 )
@@ -110,7 +113,7 @@ def test_an_empty_list_with_exclusive_is_refused_unless_allowed() -> None:
 def test_the_guests_module_declares_exclusive_allow_empty_and_owner() -> None:
     spec_ = exclusive_argument_spec()
     assert spec_["allow_empty"] == {"type": "bool", "default": False}
-    assert spec_["guests"]["options"]["cloud_init"]["options"]["user_data"]["no_log"] is True
+    assert guest_argument_spec()["cloud_init"]["options"]["user_data"]["no_log"] is True
     assert convergence_argument_spec()["owner"]["default"] == "virtfleet.core"
 
 
@@ -133,7 +136,8 @@ def test_a_restart_that_never_started_the_guest_is_finished_by_the_next_present_
     down.interrupted_restart = True
     plan = planner().plan(spec(), down)
     assert plan.power == "start" and [c.field for c in plan.changes] == ["power_state"]
-    assert planner().plan(spec(state="stopped"), down).power is None, "a guest meant to be stopped stays down"
+    stays = planner().plan(spec(state="stopped"), down)
+    assert stays.power == "stop", "a guest meant to be stopped stays down, and the stop clears the restart mark"
     down.interrupted_restart = False
     assert planner().plan(spec(), down).changes == []
 
@@ -230,3 +234,23 @@ def test_change_is_structured_and_renders_the_field_users_read() -> None:
     with pytest.raises(ValueError):
         Change("nonsense[", 1, 2)
     assert grow.to_dict() == {"field": "disks[root].size_gib", "before": 10.0, "after": 20.0, "live": True}
+
+
+class _Module:
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.no_log_values: set[str] = set()
+
+
+def test_the_guests_modules_invocation_masks_user_data_and_uri_passwords() -> None:
+    secret = "#cloud-config\npassword: s3cret-s3cret\n"
+    module = _Module({"uri": "vsphere://admin:hunter2-x@vc.example.com",
+                      "guests": [{"name": "web01", "cloud_init": {"user_data": secret, "meta_data": "id: 1"}},
+                                 {"name": "db01", "cloud_init": {"user_data": {"password": "an0ther-s3cret"}}},
+                                 {"name": "plain"}]})
+    invocation = hide_secrets(module)  # type: ignore[arg-type]
+    args = invocation["module_args"]
+    assert args["guests"][0]["cloud_init"] == {"user_data": NO_LOG, "meta_data": "id: 1"}
+    assert args["guests"][1]["cloud_init"]["user_data"] == NO_LOG
+    assert {secret, "an0ther-s3cret", "hunter2-x"} <= module.no_log_values
+    assert module.params["guests"][0]["cloud_init"]["user_data"] == secret, "the module's own params are intact"
