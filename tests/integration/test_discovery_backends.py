@@ -14,7 +14,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
     with_credentials,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._model import gib
-from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere
+from ansible_collections.virtfleet.core.plugins.module_utils.backends import _vsphere_raw, vsphere
 from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import VsphereBackend
 
 pytestmark = pytest.mark.lab
@@ -126,7 +126,7 @@ def test_discovery_never_imports_pyvmomi(lab: dict[str, Any]) -> None:
         "    assert result['error'] is None and result['guests'], result['error']\n"
         "print('pyVmomi' in sys.modules)\n"
     )
-    root = Path(vsphere.__file__).resolve().parents[6]  # the directory holding ansible_collections/
+    root = Path(_vsphere_raw.__file__).resolve().parents[6]  # the directory holding ansible_collections/
     out = subprocess.run([sys.executable, "-c", code, json.dumps(lab)], capture_output=True, text=True,
                          check=True, cwd=root)
     assert out.stdout.strip() == "False"

@@ -20,6 +20,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._converge import Gu
 from ansible_collections.virtfleet.core.plugins.module_utils._model import GuestSpec, GuestState, Placement
 from ansible_collections.virtfleet.core.plugins.module_utils._model import guest_spec_from_dict as spec_of
 from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import VsphereBackend
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere.guests import existing_files
 
 pytestmark = pytest.mark.lab
 # The fixtures of the guest tests: unique names (and clean-up of exactly those), an owner id per test.
@@ -86,7 +87,8 @@ def test_two_runs_converging_one_vcenter_at_once_end_in_the_declared_state(lab: 
         (state,) = [s for s in backend.read_guests(placement) if s.spec.name == with_disk]
         assert [d.name for d in state.spec.disks or []] == ["root"] and state.created_disks == ["root"]
         path = f"[{DATASTORE}] {with_disk}/{with_disk}_root.vmdk"
-        assert backend._existing_files(with_disk, None, [path]) == {path: None}
+        browsers = backend._inv.snapshot().browsers()
+        assert existing_files(backend._conn, browsers, with_disk, [path]) == {path: None}
 
     # And a third run finds nothing to do.
     again = converge_on(backend_for(lab, "vcenter"), placement, wanted)

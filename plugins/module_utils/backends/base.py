@@ -96,7 +96,7 @@ class GuestBackend(HypervisorBackend):
     def stop_guest(self, current: GuestState, timeout: float, force: bool) -> None:
         """ACPI/guest shutdown, wait up to TIMEOUT; then power off if FORCE, else raise EndpointError."""
 
-    def apply_offline(self, current: GuestState, plan: GuestPlan) -> None:  # noqa: B027 - optional step
+    def apply_offline(self, current: GuestState, plan: GuestPlan) -> None:
         """Apply PLAN's changes that need the guest powered off, once it is. An explicit step of its own, called
         after a stop (state: stopped, or within restart_guest): a backend that keeps a persistent definition
         (libvirt) has already written them in update_guest and has nothing to do here."""

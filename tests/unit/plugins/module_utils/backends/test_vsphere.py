@@ -14,6 +14,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import EndpointError
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere as backend_mod
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import discovery
 
 pytestmark = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
 
@@ -58,7 +59,7 @@ def test_retrieve_follows_continuation_pages_with_one_view_per_type() -> None:
                                     or vim.view.ContainerView(f"view-{len(views)}")),
     )
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://esx01"), 5)
-    objs = list(backend._retrieve(content, [([vim.VirtualMachine], [(vim.VirtualMachine, ["name"])]),
+    objs = list(backend._conn.retrieve(content, [([vim.VirtualMachine], [(vim.VirtualMachine, ["name"])]),
                                             ([vim.HostSystem], [(vim.HostSystem, ["name"])])]))
     assert len(objs) == 12
     assert collector.calls == ["RetrievePropertiesEx"] + ["ContinueRetrievePropertiesEx"] * 3
@@ -68,7 +69,7 @@ def test_retrieve_follows_continuation_pages_with_one_view_per_type() -> None:
 
 def test_login_without_credentials_is_a_clear_error() -> None:
     backend = backend_mod.VsphereBackend(with_credentials(parse_endpoint("vsphere://esx01"), Credentials()), 5)
-    backend._content = SimpleNamespace()
+    backend._conn.content = SimpleNamespace()
     with pytest.raises(EndpointError, match="esx01: no credentials"):
         backend._login()
 
@@ -94,10 +95,10 @@ def test_discovery_without_credentials_fails_before_any_login(monkeypatch: pytes
     calls: list[str] = []
     monkeypatch.setattr(_vsphere_raw.Session, "call", lambda self, method, this, args="": calls.append(method))
     backend = backend_mod.VsphereBackend(with_credentials(parse_endpoint("vsphere://esx01"), Credentials()), 5)
-    backend._soap_session = (_vsphere_raw.Session("esx01", 443, backend._ssl_context(), 5, lambda: None),
-                             SimpleNamespace(session_manager="ha-sessionmgr"))  # type: ignore[assignment]
+    backend._soap.opened = (_vsphere_raw.Session("esx01", 443, backend._ssl_context(), 5, lambda: None),
+                            SimpleNamespace(session_manager="ha-sessionmgr"))  # type: ignore[assignment]
     with pytest.raises(EndpointError, match="esx01: no credentials"):
-        backend._soap_login()
+        backend._soap.login()
     assert calls == []
 
 
@@ -117,15 +118,15 @@ def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
         count: int, parts: int, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
 
-    def chunk(self: Any, session: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any,
+    def chunk(session: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any,
               details: bool) -> Any:
         seen.append(vm_ids)
         return [SimpleNamespace(moid=m) for m in vm_ids]
 
-    monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
-    backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
+    monkeypatch.setattr(discovery, "guest_chunk", chunk)
     ids = [f"vm-{i}" for i in range(count)]
-    guests = backend._read_guests(None, None, ids, ["name"], {}, True)
+    guests = discovery.read_vms(None, None, ids, ["name"], {}, True,  # type: ignore[arg-type]
+                                backend_mod.VM_CHUNKS, backend_mod.VM_CHUNK_MIN)
     assert len(seen) == parts
     assert sorted(g.moid for g in guests) == sorted(ids)
     assert sorted(m for part in seen for m in part) == sorted(ids)
@@ -134,13 +135,13 @@ def test_vm_read_is_split_into_concurrent_parts_that_cover_every_vm_once(
 
 
 def test_a_failing_part_fails_the_whole_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    def chunk(self: Any, session: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any,
+    def chunk(session: Any, content: Any, vm_ids: list[str], props: list[str], networks: Any,
               details: bool) -> Any:
         if "vm-1" in vm_ids:
             raise OSError("connection reset")
         return [SimpleNamespace(moid=m) for m in vm_ids]
 
-    monkeypatch.setattr(backend_mod.VsphereBackend, "_guest_chunk", chunk)
-    backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
+    monkeypatch.setattr(discovery, "guest_chunk", chunk)
     with pytest.raises(OSError, match="connection reset"):
-        backend._read_guests(None, None, [f"vm-{i}" for i in range(1000)], ["name"], {}, True)
+        discovery.read_vms(None, None, [f"vm-{i}" for i in range(1000)], ["name"], {}, True,  # type: ignore[arg-type]
+                           backend_mod.VM_CHUNKS, backend_mod.VM_CHUNK_MIN)

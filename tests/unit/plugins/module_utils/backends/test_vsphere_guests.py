@@ -24,6 +24,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._model import (
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._plan import Change, GuestPlan
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere as backend_mod
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere.guests import VmRef, vm_state
 
 pytestmark = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
 
@@ -33,7 +34,7 @@ INSTANCE_UUID = "5010aaaa-0000-0000-0000-00000000000a"
 
 def new_backend() -> backend_mod.VsphereBackend:
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
-    backend._snap = backend_mod._Snapshot(props={}, refs={}, vcenter=True)
+    backend._inv.snap = backend_mod._Snapshot(props={}, refs={}, vcenter=True)
     return backend
 
 
@@ -98,16 +99,9 @@ def vm_props(**overrides: Any) -> dict[str, Any]:
 def state(props: dict[str, Any], power: str = "stopped") -> GuestState:
     from pyVmomi import vim
 
-    backend = new_backend()
-    current = backend._state(vim.VirtualMachine("vm-1"), props, {}, 16, 65536)
+    current = vm_state(vim.VirtualMachine("vm-1"), props, {}, 16, 65536)
     current.power_state = power
     return current
-
-
-def backend_with_vm(props: dict[str, Any]) -> backend_mod.VsphereBackend:
-    backend = new_backend()
-    backend._vms = {"vm-1": props}
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------- create
@@ -161,7 +155,7 @@ def test_created_guest_reads_back_as_the_spec_it_was_made_from() -> None:
              "config.extraConfig": config.extraConfig, "config.cpuHotAddEnabled": True,
              "config.memoryHotAddEnabled": True, "runtime.powerState": "poweredOff",
              "config.instanceUuid": config.instanceUuid}
-    got = new_backend()._state(vim.VirtualMachine("vm-9"), props, {}, 8, 4096)
+    got = vm_state(vim.VirtualMachine("vm-9"), props, {}, 8, 4096)
     assert got.spec.facts() == dict(spec.facts(), uuid="u-1")
     assert got.owner == "team-a" and got.owned_by("team-a") and not got.owned_by(OWNER_TAG)
     assert got.created_disks == ["root", "data"] and (got.max_vcpus, got.max_memory_mib) == (8, 4096)
@@ -203,10 +197,10 @@ def test_read_guests_is_one_bulk_read_and_skips_templates_and_other_datacenters(
         "vm-3": vm_props(name="elsewhere", parent=refs["f-2"]),
     }
     backend = new_backend()
-    backend._snap = backend_mod._Snapshot(props=props, refs=refs, vcenter=True)
+    backend._inv.snap = backend_mod._Snapshot(props=props, refs=refs, vcenter=True)
     states = backend.read_guests(Placement(datacenter="DC1"))
     assert [s.spec.name for s in states] == ["web1"]
-    assert states[0].max_vcpus == 8 and states[0].ref is refs["vm-1"]
+    assert states[0].max_vcpus == 8 and states[0].ref.vm is refs["vm-1"]
     capacity = backend.capacity(Placement(datacenter="DC1"))
     assert (capacity.vcpus, capacity.memory_mib, capacity.macs[MAC]) == (8, 16384, "web1")
     assert backend.calls == 0  # both answered from the one cached read
@@ -223,7 +217,7 @@ def plan_of(current: GuestState, *changes: Change, power: Any = None) -> GuestPl
 def test_grow_edits_only_that_disk() -> None:
     props = vm_props()
     current = state(props)
-    config, _dirs = backend_with_vm(props).update_config(
+    config, _dirs = new_backend().update_config(
         current, plan_of(current, Change("disks[Hard disk 2].size_gib", 1.5, 3.0)), live_only=False)
     (edit,) = config.deviceChange
     assert (edit.operation, edit.fileOperation, edit.device.key) == ("edit", None, 2001)
@@ -234,7 +228,7 @@ def test_grow_edits_only_that_disk() -> None:
 def test_tag_removal_sets_an_empty_value_and_cpu_memory_firmware_map_directly() -> None:
     props = vm_props()
     current = state(props)
-    config, _dirs = backend_with_vm(props).update_config(current, plan_of(
+    config, _dirs = new_backend().update_config(current, plan_of(
         current, Change("tags", {"role": "db", "old": "x"}, {"role": "db", "new": "1"}), Change("vcpus", 2, 4),
         Change("memory_mib", 2048, 4096), Change("firmware", "uefi", "bios")), live_only=False)
     assert options(config) == {"virtfleet.tag.new": "1", "virtfleet.tag.old": ""}
@@ -249,7 +243,7 @@ def test_new_disk_nic_and_model_change() -> None:
     current = state(props)
     new_disk = {"name": "logs", "size_gib": 2, "pool": "ds1", "format": "thin", "source": None, "bus": "scsi"}
     new_nic = {"network": "VM Network", "mac": "00:50:56:0a:0b:0c", "model": "e1000e"}
-    config, _dirs = backend_with_vm(props).update_config(current, plan_of(
+    config, _dirs = new_backend().update_config(current, plan_of(
         current, Change("disks[logs]", None, new_disk), Change("nics[00:50:56:0a:0b:0c]", None, new_nic),
         Change(f"nics[{MAC}].model", "vmxnet3", "e1000", live=False)), live_only=False)
     disk, nic, removed, replacement = config.deviceChange
@@ -265,7 +259,7 @@ def test_new_disk_nic_and_model_change() -> None:
 def test_restart_only_change_on_a_running_guest_is_refused_before_any_call() -> None:
     props = vm_props()
     current = state(props, power="running")
-    backend = backend_with_vm(props)
+    backend = new_backend()
     with pytest.raises(EndpointError, match=r"guest 'web1': firmware cannot change while it runs on vSphere"):
         backend.update_guest(current, plan_of(current, Change("firmware", "uefi", "bios", live=False)))
     assert backend.calls == 0
@@ -301,8 +295,8 @@ def test_restart_applies_offline_changes_between_an_explicit_stop_and_start_with
 
     props = vm_props()
     current = state(props, power="running")
-    current.ref = Ref()
-    backend = backend_with_vm(props)
+    current.ref = VmRef(Ref(), props)
+    backend = new_backend()
     assert not hasattr(backend, "_pending")
     plan = plan_of(current, Change("vcpus", 2, 4), Change("firmware", "uefi", "bios", live=False), power="restart")
     backend.update_guest(current, plan)
@@ -318,8 +312,8 @@ def test_restart_applies_offline_changes_between_an_explicit_stop_and_start_with
 def test_offline_changes_are_refused_on_a_running_vm() -> None:
     props = vm_props()
     current = state(props, power="running")
-    current.ref = SimpleNamespace(_moId="vm-1", runtime=SimpleNamespace(powerState="poweredOn"))
-    backend = backend_with_vm(props)
+    current.ref = VmRef(SimpleNamespace(_moId="vm-1", runtime=SimpleNamespace(powerState="poweredOn")), props)
+    backend = new_backend()
     plan = plan_of(current, Change("firmware", "uefi", "bios", live=False), power="stop")
     with pytest.raises(EndpointError, match=r"firmware need the VM powered off"):
         backend.apply_offline(current, plan)
@@ -331,15 +325,15 @@ def test_a_stopped_vm_with_a_restart_mark_reads_as_an_interrupted_restart() -> N
     mark = [vim.option.OptionValue(key="virtfleet.restarting", value=INSTANCE_UUID)]
     props = vm_props(**{"runtime.powerState": "poweredOff"})
     props["config.extraConfig"] = list(props["config.extraConfig"]) + mark
-    assert new_backend()._state(vim.VirtualMachine("vm-1"), props, {}, 8, 4096).interrupted_restart
+    assert vm_state(vim.VirtualMachine("vm-1"), props, {}, 8, 4096).interrupted_restart
     running = vm_props()
     running["config.extraConfig"] = list(running["config.extraConfig"]) + mark
-    assert not new_backend()._state(vim.VirtualMachine("vm-1"), running, {}, 8, 4096).interrupted_restart
+    assert not vm_state(vim.VirtualMachine("vm-1"), running, {}, 8, 4096).interrupted_restart
     # A copy of the VM (another instance UUID) carries the mark but was not being restarted.
     copy = vm_props(**{"runtime.powerState": "poweredOff",
                        "config.instanceUuid": "5010bbbb-0000-0000-0000-0000000000bb"})
     copy["config.extraConfig"] = list(copy["config.extraConfig"]) + mark
-    assert not new_backend()._state(vim.VirtualMachine("vm-2"), copy, {}, 8, 4096).interrupted_restart
+    assert not vm_state(vim.VirtualMachine("vm-2"), copy, {}, 8, 4096).interrupted_restart
 
 
 def test_a_clone_copies_the_mark_but_owns_nothing() -> None:
@@ -347,18 +341,18 @@ def test_a_clone_copies_the_mark_but_owns_nothing() -> None:
     from pyVmomi import vim
 
     clone = vm_props(**{"config.instanceUuid": "5010cccc-0000-0000-0000-0000000000cc"})
-    got = new_backend()._state(vim.VirtualMachine("vm-7"), clone, {}, 8, 4096)
+    got = vm_state(vim.VirtualMachine("vm-7"), clone, {}, 8, 4096)
     assert got.owner is None and not got.owned_by(OWNER_TAG) and got.created_disks == []
     assert [d.name for d in got.spec.disks or []] == ["root", "Hard disk 2"]  # still named by the records
     unmarked = vm_props(**{"config.instanceUuid": None})
-    assert new_backend()._state(vim.VirtualMachine("vm-8"), unmarked, {}, 8, 4096).owner is None
+    assert vm_state(vim.VirtualMachine("vm-8"), unmarked, {}, 8, 4096).owner is None
 
 
 def test_unknown_change_kinds_are_refused_not_ignored() -> None:
     props = vm_props()
     current = state(props)
     with pytest.raises(EndpointError, match=r"boot\.kernel cannot be changed on vSphere"):
-        backend_with_vm(props).update_config(current, plan_of(current, Change("boot", None, "/k", key="kernel")),
+        new_backend().update_config(current, plan_of(current, Change("boot", None, "/k", key="kernel")),
                                              live_only=False)
 
 

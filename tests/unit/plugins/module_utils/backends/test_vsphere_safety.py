@@ -22,6 +22,8 @@ from ansible_collections.virtfleet.core.plugins.module_utils._model import (
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._plan import Change, GuestPlan
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import vsphere as backend_mod
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere import codec, configspec, session
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.vsphere.guests import VmRef, vm_state
 
 pytestmark = pytest.mark.skipif(not backend_mod.HAS_PYVMOMI, reason="pyvmomi not installed")
 
@@ -144,11 +146,10 @@ def world_backend(world: World, vms: dict[str, dict[str, Any]] | None = None) ->
         refs[moid] = vim.VirtualMachine(moid)
         props[moid] = dict(vm, parent=refs["f-1"])
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
-    backend._snap = backend_mod._Snapshot(props=props, refs=refs, vcenter=True)
-    backend._vms = {m: props[m] for m in vms or {}}
-    backend._content = SimpleNamespace(fileManager=world, propertyCollector=world)
-    backend._logged_in = True
-    backend._targets[dataclasses.astuple(Placement())] = backend_mod._Target(
+    backend._inv.snap = backend_mod._Snapshot(props=props, refs=refs, vcenter=True)
+    backend._conn.content = SimpleNamespace(fileManager=world, propertyCollector=world)
+    backend._conn.logged_in = True
+    backend._inv.targets[dataclasses.astuple(Placement())] = backend_mod._Target(
         datacenter="dc-1", folder=fake_folder(world), pool="pool-1", host=None, hosts=[], datastores=["ds1", "ds2"],
         default_datastore="ds1", networks={})
     return backend
@@ -272,8 +273,8 @@ def test_a_disk_on_another_datastore_makes_its_directory_in_the_vms_datacenter()
     vm = {"name": "web1", "config.files.vmPathName": "[ds1] web1/web1.vmx", "config.hardware.device": [],
           "config.extraConfig": [], "runtime.powerState": "poweredOff"}
     backend = world_backend(world, {"vm-1": vm})
-    current = backend._state(backend._snap.refs["vm-1"], vm, {}, 4, 4096)  # type: ignore[union-attr]
-    current.ref = FakeVM(world, "vm-1")
+    current = vm_state(backend._inv.snap.refs["vm-1"], vm, {}, 4, 4096)  # type: ignore[union-attr]
+    current.ref = VmRef(FakeVM(world, "vm-1"), vm)
     new = {"name": "logs", "size_gib": 1, "pool": "ds2", "format": "thin", "source": None, "bus": "scsi"}
     backend.update_guest(current, GuestPlan(desired=GuestSpec(name="web1"), current=current, action="update",
                                             changes=[Change("disks", None, new, key="logs")], after=current.spec))
@@ -287,8 +288,8 @@ def test_a_disk_on_another_datastore_makes_its_directory_in_the_vms_datacenter()
 def test_task_wait_follows_the_task_past_the_old_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """An eager-zeroed disk task running 20 minutes (the old cap was max(60 s, 6 x timeout)) is waited for."""
     clock = {"now": 0.0}
-    monkeypatch.setattr(backend_mod, "_monotonic", lambda: clock["now"])
-    monkeypatch.setattr(backend_mod, "_sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    monkeypatch.setattr(session, "_monotonic", lambda: clock["now"])
+    monkeypatch.setattr(session, "_sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
 
     class SlowTask:
         @property
@@ -298,7 +299,7 @@ def test_task_wait_follows_the_task_past_the_old_cap(monkeypatch: pytest.MonkeyP
             return SimpleNamespace(state="success", result="vm-1")
 
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
-    assert backend._wait(SlowTask(), "db1", "CreateVM", written_gib=500) == "vm-1"
+    assert backend._conn.wait(SlowTask(), "db1", "CreateVM", written_gib=500) == "vm-1"
     assert 1200 <= clock["now"] < 1202  # polled at most 1 s apart
     assert backend.calls < 1300  # one call per poll, none faster than the doubling allows
 
@@ -306,24 +307,24 @@ def test_task_wait_follows_the_task_past_the_old_cap(monkeypatch: pytest.MonkeyP
 def test_a_task_that_never_ends_gives_up_after_a_bound_that_grows_with_the_disk(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = {"now": 0.0}
-    monkeypatch.setattr(backend_mod, "_monotonic", lambda: clock["now"])
-    monkeypatch.setattr(backend_mod, "_sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    monkeypatch.setattr(session, "_monotonic", lambda: clock["now"])
+    monkeypatch.setattr(session, "_sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
     stuck = SimpleNamespace(info=SimpleNamespace(state="running", progress=3))
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
     with pytest.raises(EndpointError, match=r"CreateVM still running after 9600s \(3% done\)"):
-        backend._wait(stuck, "db1", "CreateVM", written_gib=100)
-    assert backend_mod._written_gib(SimpleNamespace(deviceChange=[])) == 0.0
+        backend._conn.wait(stuck, "db1", "CreateVM", written_gib=100)
+    assert codec.written_gib(SimpleNamespace(deviceChange=[])) == 0.0
 
 
 def test_written_gib_counts_only_disks_the_task_writes() -> None:
     from pyVmomi import vim
 
     def disk(fmt: str, op: str = "add", fop: Any = "create") -> Any:
-        return backend_mod.VsphereBackend._disk_add(DiskSpec(name="d", size_gib=10, format=fmt), -1, (1000, 0),
+        return configspec.disk_add(DiskSpec(name="d", size_gib=10, format=fmt), -1, (1000, 0),
                                                     "[ds1] x/x_d.vmdk", create=fop == "create")
 
     config = vim.vm.ConfigSpec(deviceChange=[disk("thin"), disk("eagerzeroedthick"), disk("thick", fop=None)])
-    assert backend_mod._written_gib(config) == 10.0
+    assert codec.written_gib(config) == 10.0
 
 
 # ---------------------------------------------------------------------------------------------- scope
@@ -356,7 +357,7 @@ def test_in_scope_follows_the_cluster_folder_and_resource_pool_placed_in() -> No
         "vm-3": vm("on-h2-team", "f-team", "h-2", "rp-2"),
     }
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://vc01"), 5)
-    backend._snap = backend_mod._Snapshot(props=props, refs=refs, vcenter=True)
+    backend._inv.snap = backend_mod._Snapshot(props=props, refs=refs, vcenter=True)
 
     def scoped(placement: Placement) -> set[str]:
         return {s.spec.name for s in backend.read_guests(placement) if s.in_scope}
@@ -380,7 +381,7 @@ def test_nics_without_a_mac_are_found_by_position() -> None:
           "config.extraConfig": [], "runtime.powerState": "poweredOff"}
     world = World()
     backend = world_backend(world, {"vm-1": vm})
-    current = backend._state(backend._snap.refs["vm-1"], vm, {}, 4, 4096)  # type: ignore[union-attr]
+    current = vm_state(backend._inv.snap.refs["vm-1"], vm, {}, 4, 4096)  # type: ignore[union-attr]
     plan = GuestPlan(desired=GuestSpec(name="web1"), current=current, action="update",
                      changes=[Change("nics", "vmxnet3", "e1000", key="#0", attr="model")],
                      after=dataclasses.replace(current.spec, nics=[NicSpec(network="VM Network", model="e1000")]))
