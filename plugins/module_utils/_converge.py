@@ -83,6 +83,18 @@ def _check_list(specs: List[GuestSpec], options: RunOptions) -> None:
                                         f"{options.owner!r}; set allow_empty: true if that is what you mean")
 
 
+def _new_disks(specs: List[GuestSpec], currents: List[Optional[GuestState]]) -> List[GuestSpec]:
+    """The guests and disks that creating would make: only for these can kept storage be picked up (asking for
+    every disk of every guest would make a backend read what is in use on every run)."""
+    out = []
+    for spec, current in zip(specs, currents):
+        have = {d.name for d in (current.spec.disks or [])} if current is not None else set()
+        disks = [d for d in spec.disks or [] if d.name not in have]
+        if disks and spec.state != "absent":
+            out.append(dataclasses.replace(spec, disks=disks))
+    return out
+
+
 def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,
              options: RunOptions) -> List[GuestPlan]:
     """Every guest's plan, or a ConfigError for the first bad one; nothing is changed here."""
@@ -91,8 +103,14 @@ def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement
         backend.verify_spec(spec)
     capacity = backend.capacity(placement)
     states = backend.read_guests(placement)
-    planner = Planner(capacity, backend.defaults, options.plan, backend.leftover_disks(specs, placement))
-    plans = [planner.plan(spec, find_current(spec, states)) for spec in specs]
+    for state in states:  # every guest within reach holds its MACs, whatever the backend's capacity read saw
+        for nic in state.spec.nics or []:
+            if nic.mac:
+                capacity.macs.setdefault(nic.mac, state.spec.name)
+    currents = [find_current(spec, states) for spec in specs]
+    planner = Planner(capacity, backend.defaults, options.plan,
+                      backend.leftover_disks(_new_disks(specs, currents), placement))
+    plans = [planner.plan(spec, current) for spec, current in zip(specs, currents)]
     if options.exclusive:
         # Only guests this owner's mark was written on, inside what the user placed guests in.
         kept = {id(p.current) for p in plans if p.current is not None}

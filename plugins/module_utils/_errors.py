@@ -28,6 +28,10 @@ class EndpointError(VirtfleetError):
         super().__init__(f"{endpoint}: {reason}")
 
 
+class ConcurrentRunError(EndpointError):
+    """Another run changed the same guest meanwhile. What is there stays: it may be that run's to finish."""
+
+
 class MissingLibraryError(VirtfleetError):
     """A Python library that a backend needs is not installed where the code runs."""
 

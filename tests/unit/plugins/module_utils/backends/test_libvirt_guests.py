@@ -27,6 +27,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._model import (
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._plan import PlanOptions
 from ansible_collections.virtfleet.core.plugins.module_utils.backends import libvirt as backend_mod
+from ansible_collections.virtfleet.core.plugins.module_utils.backends.libvirt import apply, discovery
 
 lv = pytest.importorskip("libvirt")
 NS = backend_mod.METADATA_NS
@@ -306,7 +307,6 @@ def run(specs: list[GuestSpec], check: bool = False, **plan: Any) -> list[dict[s
 
 def state(name: str = "web01") -> Any:
     with backend() as b:
-        b.capacity(PLACE)
         return next(s for s in b.read_guests(PLACE) if s.spec.name == name)
 
 
@@ -367,7 +367,8 @@ def test_create_with_a_user_uuid_is_exclusive_too(conn: FakeConn) -> None:
     assert conn.lookupByName("web01").root is other
 
 
-def test_a_volume_created_meanwhile_is_not_ours_and_the_create_is_undone(conn: FakeConn) -> None:
+def test_a_volume_created_meanwhile_means_another_run_took_the_guest_over_and_nothing_is_undone(
+        conn: FakeConn) -> None:
     spec = full()
     spec.disks = [DiskSpec(name="root", size_gib=1, pool=POOL, format="qcow2", bus="virtio"),
                   DiskSpec(name="data", size_gib=1, pool=POOL, format="qcow2", bus="virtio")]
@@ -381,7 +382,10 @@ def test_a_volume_created_meanwhile_is_not_ours_and_the_create_is_undone(conn: F
     with backend() as b, pytest.raises(EndpointError, match=r"volume 'web01\+data\.qcow2' was created meanwhile"):
         b.capacity(PLACE)
         b.create_guest(spec, PLACE, "team-a")
-    assert conn.domains == [] and volumes(conn) == {"web01+data.qcow2"}, "only what this call made is removed"
+    # The other run read the defined guest and made its missing volume: undefining it (or deleting root, which its
+    # definition names) would lose the guest that run converges. Nothing of the other run's is touched either.
+    assert [d.name() for d in conn.domains] == ["web01"]
+    assert volumes(conn) == {"web01+root.qcow2", "web01+data.qcow2"}
 
 
 def test_a_failed_create_keeps_a_reused_volume(conn: FakeConn) -> None:
@@ -516,6 +520,54 @@ def test_a_restart_whose_start_fails_leaves_a_mark_the_next_run_reads(conn: Fake
     assert state().interrupted_restart is False and state().power_state == "running"
 
 
+def test_stopping_a_guest_an_interrupted_restart_left_down_only_clears_the_mark(conn: FakeConn) -> None:
+    run([desired(state="running")])
+    conn.hooks["create"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "no start"))
+    with backend() as b, pytest.raises(EndpointError, match="no start"):
+        b.restart_guest(state(), 1, True)
+    del conn.hooks["create"]
+    left = state()
+    assert left.power_state == "stopped" and left.interrupted_restart is True
+    dom = conn.lookupByName("web01")
+    before = ET.tostring(dom.root.find("devices"), encoding="unicode")  # type: ignore[arg-type]
+    defines, writes = conn.defines, conn.metadata_writes
+    touched: list[str] = []
+    for call in ("create", "setAutostart", "defineXML", "undefine", "resize", "createXML", "upload"):
+        conn.hooks[call] = lambda call=call: touched.append(call)  # type: ignore[misc]
+    with backend() as b:
+        b.stop_guest(left, 1, False)
+    assert touched == [] and conn.defines == defines and conn.metadata_writes == writes + 1
+    assert dom.active is False and ET.tostring(dom.root.find("devices"), encoding="unicode") == before  # type: ignore[arg-type]
+    after = state()
+    assert after.power_state == "stopped" and after.interrupted_restart is False, "a later present run would start it"
+    with backend() as b:
+        b.stop_guest(after, 1, False)  # stopped and unmarked: nothing at all
+    assert conn.metadata_writes == writes + 1 and touched == []
+
+
+def test_create_and_leftover_disks_need_no_earlier_call(conn: FakeConn) -> None:
+    """No call depends on state an earlier one left: each reads what it needs (STYLE habit 11)."""
+    pool = conn.pools[POOL]
+    pool.volumes["web02+root.qcow2"] = FakeVol(pool, "web02+root.qcow2", 3 * 1024**3)
+    with backend() as b:
+        assert b.leftover_disks([desired("web02")], Placement()) == {("web02", "root"): 3.0}
+    spec = full()
+    spec.cloud_init = desired().cloud_init
+    spec.disks = []
+    with backend() as b:
+        made = b.create_guest(spec, PLACE, "team-a")  # no capacity() first: seed pool and host CPUs read here
+    root = conn.lookupByName("web01").root
+    assert made.owner == "team-a" and root.find("vcpu").text == "8"  # type: ignore[union-attr]
+    assert "web01+cidata.iso" in volumes(conn)
+    pool.volumes["web04+root.qcow2"] = FakeVol(pool, "web04+root.qcow2", 1024**3)
+    conn.defineXML("<domain type='qemu'><name>other</name><devices><disk type='volume' device='disk'>"
+                   f"<source pool='{POOL}' volume='web04+root.qcow2'/><target dev='vda' bus='virtio'/></disk>"
+                   "</devices></domain>")
+    in_use = re.escape("its volume 'web04+root.qcow2' in pool 'images' is in use by guest 'other'")
+    with backend() as b, pytest.raises(ConfigError, match=in_use):
+        b.leftover_disks([desired("web04")], PLACE)
+
+
 def test_a_restart_marks_the_guest_without_a_re_define(conn: FakeConn) -> None:
     run([desired(state="running")])
     defines = conn.defines
@@ -553,7 +605,7 @@ def test_secrets_never_reach_facts_results_or_errors(conn: FakeConn) -> None:
     conn.hooks["defineXML"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_XML_ERROR, "refused"))
     result = run([guest_spec_from_dict({"name": "made-elsewhere", "vcpus": 3})])
     with backend() as b:
-        found = b._guests("kvm01", {})  # what discovery reads of every guest
+        found = discovery.guests(b.session, "kvm01", {})  # what discovery reads of every guest
     assert result[0]["failed"]
     for text in (repr(result), repr(state("made-elsewhere")), repr(found)):
         assert "s3cret" not in text and "sp1ce" not in text
@@ -573,7 +625,7 @@ def test_discovery_facts_and_convergence_state_read_a_domain_the_same_way(conn: 
     dom = conn.lookupByName("web01")
     dom.root.find("memory").text = str(2048 * 1024)  # type: ignore[union-attr]  # a maximum above current
     with backend() as b:
-        facts = next(g for g in b._guests("kvm01", {}) if g.name == "web01")
+        facts = next(g for g in discovery.guests(b.session, "kvm01", {}) if g.name == "web01")
     current = state()
     assert facts.memory_mib == current.spec.memory_mib == 512
     assert [(d.name, d.source, d.bus) for d in facts.disks] == \
@@ -607,7 +659,7 @@ def test_every_change_kind_the_planner_makes_has_an_apply_function() -> None:
     kinds = {("vcpus", None), ("memory_mib", None), ("firmware", None), ("boot", None), ("autostart", None),
              ("tags", None), ("cloud_init", None), ("disks", None), ("disks", "size_gib"), ("disks", "bus"),
              ("nics", None), ("nics", "network"), ("nics", "model")}
-    assert set(backend_mod._APPLY) == kinds
+    assert set(apply.APPLY) == kinds
 
 
 def test_an_unknown_change_is_one_clear_error_not_a_silent_skip(conn: FakeConn) -> None:
