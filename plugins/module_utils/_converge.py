@@ -60,6 +60,13 @@ def find_current(spec: GuestSpec, states: List[GuestState]) -> Optional[GuestSta
                                       "by its own name")
                 return state
     same_name = [s for s in states if s.spec.name == spec.name]
+    if same_name and not any(s.in_scope for s in same_name):
+        # vCenter: a guest of this name lives outside the cluster/host, folder and resource pool the task places
+        # guests in - another team's, maybe. Never adopted; never a second one created beside it either.
+        raise ConfigError(f"guest {spec.name!r} name", spec.name,
+                          "exists outside the cluster/host, folder and resource pool given; it is not changed, "
+                          "and no second guest of this name is made (widen the placement or rename)")
+    same_name = [s for s in same_name if s.in_scope]
     if len(same_name) > 1:
         raise ConfigError(f"guest {spec.name!r} name", spec.name,
                           f"{len(same_name)} guests have this name; set uuid to say which one")

@@ -68,6 +68,10 @@ class Planner:
     def plan(self, desired: GuestSpec, current: Optional[GuestState]) -> GuestPlan:
         plan = GuestPlan(desired=desired, current=current)
         if desired.state == "absent":
+            if current is not None and desired.uuid is not None and desired.uuid != current.spec.uuid:
+                # The uuid pins one incarnation of the guest: another one of that name is not the one to delete.
+                raise _err(desired.name, "uuid", desired.uuid, f"the guest named {desired.name!r} has uuid "
+                                                               f"{current.spec.uuid}; nothing is removed")
             if current is not None:
                 plan.action = "remove"
                 plan.remove_storage = self.options.remove_storage

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 from ..._changes import GuestPlan
-from ..._errors import ConcurrentRunError, ConfigError
+from ..._errors import ConcurrentRunError, ConfigError, EndpointError
 from ..._model import OWNER_TAG, CloudInit, DiskSpec, GuestSpec, GuestState, HostCapacity, NicSpec, Placement
 from . import storage
 from .apply import APPLY, Edit
@@ -367,11 +367,31 @@ def restart_guest(session: Session, current: GuestState, timeout: float, force: 
     definition (update_guest), so there is nothing to apply in between."""
     mark = ET.Element("restart", {"by": OWNER_TAG})
     _put_metadata(session, current.ref, current.spec.name, mark, running=False, uri=RESTART_NS)
-    _shut_down(session, current, timeout, force)
+    try:
+        _shut_down(session, current, timeout, force)
+    except EndpointError:
+        # Still running: no restart is under way, and a mark left behind would make a later run start the guest
+        # after someone stopped it on purpose.
+        _clear_restart_mark(session, current, running=False)
+        raise
     start_guest(session, dataclasses.replace(current, interrupted_restart=True))
 
 
 def remove_guest(session: Session, current: GuestState, remove_storage: bool) -> None:
+    try:
+        _remove(session, current, remove_storage)
+    except EndpointError:
+        # Another run removing the same guest at the same time: absent is what both were asked for. Only when
+        # libvirt says so (no such domain), never because it cannot be asked.
+        try:
+            session.connect().lookupByUUIDString(current.spec.uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+        raise
+
+
+def _remove(session: Session, current: GuestState, remove_storage: bool) -> None:
     dom = current.ref
     name = current.spec.name
     root = ET.fromstring(session.call("read definition", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE))  # noqa: S314
@@ -379,5 +399,7 @@ def remove_guest(session: Session, current: GuestState, remove_storage: bool) ->
         session.call(f"power off guest {name!r}", dom.destroy)
     flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
              | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    # Storage first, the definition last: a run stopped in between leaves a guest that still lists what it
+    # created, so the next removal deletes the rest (missing volumes are skipped) and then undefines it.
+    storage.delete_disks(session, name, root, current.created_disks, remove_storage)
     session.call(f"undefine guest {name!r}", dom.undefineFlags, flags)
-    storage.delete_disks(session, root, current.created_disks, remove_storage)

@@ -197,12 +197,19 @@ def undo_create(dom: Optional[Any], made: List[Any]) -> None:
             pass
 
 
-def delete_disks(session: Session, root: ET.Element, created: List[str], remove_storage: bool) -> None:
-    """After an undefine: delete the seed (generated from the guest's options, never user data) and, with
-    REMOVE_STORAGE, the volumes of the disks in CREATED (those this collection made), nothing else."""
+def delete_disks(session: Session, guest: str, root: ET.Element, created: List[str], remove_storage: bool) -> None:
+    """On removal: delete the seed (generated from the guest's options, never user data) and, with
+    REMOVE_STORAGE, the volumes of the disks in CREATED (those this collection made), nothing else. Each only
+    while the disk still points at the volume this collection made for it (GUEST+DISK): a disk re-pointed
+    elsewhere by hand, or a clone's disk that shares another guest's volume, is never followed."""
     for element in root.findall("./devices/disk"):
         disk = Disk(element)
-        if not (disk.is_seed or (remove_storage and disk.name in created)):
+        if disk.is_seed:
+            ours = disk.volume == seed_volume_name(guest)
+        else:
+            ours = remove_storage and disk.name in created and disk.volume == volume_name(
+                guest, DiskSpec(name=disk.name, format=disk.format if disk.format in VOL_EXT else "raw"))
+        if not ours:
             continue
         try:
             disk_volume(session, disk).delete(0)

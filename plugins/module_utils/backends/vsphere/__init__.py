@@ -155,7 +155,13 @@ class VsphereBackend(GuestBackend):
         name = current.spec.name
         instance_uuid = str(guests.props_of(self._inv, current).get("config.instanceUuid") or "").lower() or "yes"
         lifecycle.set_restarting(self._conn, self._inv, current, instance_uuid)
-        self.stop_guest(current, timeout, force)
+        try:
+            self.stop_guest(current, timeout, force)
+        except EndpointError:
+            # Still running (it did not shut down): no restart is under way, so no mark may stay behind to make a
+            # later run start the guest after someone stopped it on purpose.
+            lifecycle.set_restarting(self._conn, self._inv, current, "")
+            raise
         if plan is not None:
             self.apply_offline(current, plan)
         self.start_guest(current)

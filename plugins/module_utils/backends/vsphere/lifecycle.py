@@ -228,6 +228,9 @@ def stop_guest(conn: Connection, inv: Inventory, current: GuestState, timeout: f
     inv.invalidate()
     if power(conn, current) != "poweredOff":
         _shutdown(conn, current, timeout, force)
+    elif current.interrupted_restart:
+        # Declared stopped: the mark of a restart an earlier run did not finish goes, so no later run starts it.
+        set_restarting(conn, inv, current, "")
 
 
 def _shutdown(conn: Connection, current: GuestState, timeout: float, force: bool) -> None:

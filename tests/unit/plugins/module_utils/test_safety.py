@@ -254,3 +254,26 @@ def test_the_guests_modules_invocation_masks_user_data_and_uri_passwords() -> No
     assert args["guests"][1]["cloud_init"]["user_data"] == NO_LOG
     assert {secret, "an0ther-s3cret", "hunter2-x"} <= module.no_log_values
     assert module.params["guests"][0]["cloud_init"]["user_data"] == secret, "the module's own params are intact"
+
+
+def test_absent_with_the_uuid_of_an_earlier_incarnation_removes_nothing() -> None:
+    backend = FakeBackend([existing(uuid=WEB_UUID)])
+    old = guest_spec_from_dict({"name": "web01", "uuid": DB_UUID, "state": "absent"})
+    with pytest.raises(ConfigError, match=r"guest 'web01' uuid=.*has uuid 0b1c2d3e-.*0001; nothing is removed"):
+        converge(backend, [old], Placement(), RunOptions(plan=PlanOptions(remove_storage=True)))
+    assert backend.mutations == [] and "web01" in backend.states
+
+
+def test_a_same_named_guest_outside_the_placement_is_never_adopted() -> None:
+    theirs = existing()
+    theirs.in_scope = False
+    for wanted in (spec(vcpus=4), spec(state="absent"), spec(vcpus=4, uuid=None)):
+        backend = FakeBackend([copy.deepcopy(theirs)])
+        with pytest.raises(ConfigError, match="exists outside the cluster/host, folder and resource pool"):
+            converge(backend, [wanted], Placement(), RunOptions())
+        assert backend.mutations == []
+    mine = existing()
+    backend = FakeBackend([])
+    backend.states = {"theirs": copy.deepcopy(theirs), "mine": mine}
+    result = converge(backend, [spec(vcpus=4)], Placement(), RunOptions(check_mode=True))
+    assert result[0].action == "update", "an in-scope guest of the name is the one meant"
