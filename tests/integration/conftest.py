@@ -51,6 +51,33 @@ def ansible_env(lab: dict[str, Any]) -> dict[str, str]:
 BIN = Path(sys.executable).parent
 
 
+def remove_libvirt_guests(conn: Any, pool_name: str, names: list[str]) -> None:
+    """Remove the domains NAMES and their volumes (NAME+...): what a test made, whatever state it left."""
+    import libvirt
+
+    pool = conn.storagePoolLookupByName(pool_name)
+    pool.refresh(0)
+    for name in names:
+        try:
+            dom = conn.lookupByName(name)
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError:
+            pass
+        for vol in pool.listAllVolumes(0):
+            if vol.name().startswith(name + "+"):
+                vol.delete(0)
+
+
+@pytest.fixture()
+def names(libvirt_conn: Any, lab: dict[str, Any]) -> Any:
+    """Guest names a test uses; whatever is left of them afterwards is removed with their volumes."""
+    used: list[str] = []
+    yield used
+    remove_libvirt_guests(libvirt_conn, lab["libvirt"]["pool"], used)
+
+
 @pytest.fixture()
 def run_module(ansible_env: dict[str, str]) -> Any:
     """Run one module of the collection on localhost (`ansible localhost -m ...`) and return its result dict.

@@ -243,7 +243,7 @@ def test_libvirtd_killed_while_removing_with_storage(own_libvirtd: dict[str, Any
         volumes.discard(canary)
     finally:
         conn.close()
-    FIGURES.append({"kill_point": "libvirtd killed while removing: before the first volume deletion (storage goes before the undefine)",
+    FIGURES.append({"kill_point": "libvirtd killed while removing, before the first volume deletion",
                     "converged": converged(again), "objects_lost": 0,
                     "left_after_remove_storage": sorted(domains | volumes), "foreign_volume_kept": canary_kept})
     assert converged(again), f"the removal after the fault did not converge: {again}"

@@ -9,7 +9,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -39,26 +39,6 @@ def booting(lab: dict[str, Any], hostname: str) -> dict[str, Any]:
     return {"memory_mib": 128, "boot": boot,
             "cloud_init": {"meta_data": f"instance-id: {hostname}\nlocal-hostname: {hostname}\n",
                            "user_data": {"hostname": hostname}}}
-
-
-@pytest.fixture()
-def names(libvirt_conn: Any, lab: dict[str, Any]) -> Iterator[list[str]]:
-    """Guest names a test uses; whatever is left of them afterwards is removed with their volumes."""
-    used: list[str] = []
-    yield used
-    pool = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"])
-    pool.refresh(0)
-    for name in used:
-        try:
-            dom = libvirt_conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            pass
-        for vol in pool.listAllVolumes(0):
-            if vol.name().startswith(name + "+"):
-                vol.delete(0)
 
 
 def unique(prefix: str) -> str:

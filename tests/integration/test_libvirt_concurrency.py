@@ -14,7 +14,7 @@ import subprocess
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,23 +24,11 @@ BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
 
 @pytest.fixture()
-def guest_names(libvirt_conn: Any, lab: dict[str, Any]) -> Iterator[list[str]]:
+def guest_names(names: list[str]) -> list[str]:
+    """Four unique names, removed with their volumes afterwards (the shared `names` fixture)."""
     tag = uuid.uuid4().hex[:6]
-    used = [f"vftest-race-{tag}-{i}" for i in range(4)]
-    yield used
-    pool = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"])
-    pool.refresh(0)
-    for name in used:
-        try:
-            dom = libvirt_conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            pass
-        for vol in pool.listAllVolumes(0):
-            if vol.name().startswith(name + "+"):
-                vol.delete(0)
+    names.extend(f"vftest-race-{tag}-{i}" for i in range(4))
+    return names
 
 
 def guests_args(lab: dict[str, Any], names: list[str], vcpus: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -57,23 +57,6 @@ def exists(conn: Any, name: str) -> bool:
         return False
 
 
-@pytest.fixture()
-def names(libvirt_conn: Any, lab: dict[str, Any]) -> Iterator[list[str]]:
-    used: list[str] = []
-    yield used
-    pool = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"])
-    pool.refresh(0)
-    for name in used:
-        try:
-            dom = libvirt_conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            pass
-        for vol in pool.listAllVolumes(0):
-            if vol.name().startswith(name + "+"):
-                vol.delete(0)
 
 
 def secure(dom: Any) -> str:
