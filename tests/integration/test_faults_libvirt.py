@@ -150,7 +150,7 @@ def finish_and_remove(lab: dict[str, Any], specs: list[GuestSpec], prefix: str, 
     assert converged(rerun) and not any(r.changed for r in rerun), f"{point}: not idempotent after the fault"
     conn = connect(lab)
     try:
-        domains, _ = ours(conn, lab, prefix)
+        domains, _volumes = ours(conn, lab, prefix)
         lost = len({s.name for s in specs} - domains)
         if running:
             active = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
@@ -197,8 +197,8 @@ def test_libvirtd_killed_during_a_20_guest_run(own_libvirtd: dict[str, Any], pre
 @pytest.mark.lab
 @pytest.mark.parametrize("nth", [1, 2])
 def test_libvirtd_killed_between_define_and_volume_creation(own_libvirtd: dict[str, Any], prefix: str,
-                                                             canary: str, monkeypatch: pytest.MonkeyPatch,
-                                                             nth: int) -> None:
+                                                            canary: str, monkeypatch: pytest.MonkeyPatch,
+                                                            nth: int) -> None:
     """The backend defines a new guest first, then makes its volumes: killed before the first or the second
     volume, the guest is defined and lists volumes that do not exist yet."""
     lab = own_libvirtd
@@ -213,7 +213,7 @@ def test_libvirtd_killed_between_define_and_volume_creation(own_libvirtd: dict[s
 
 @pytest.mark.lab
 def test_libvirtd_killed_between_create_and_start(own_libvirtd: dict[str, Any], prefix: str, canary: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     lab = own_libvirtd
     specs = specs_for(lab, [f"{prefix}g01", f"{prefix}g02"], state="running")
     hook(monkeypatch, libvirt.virDomain, "create", lambda n: n == 1, before=True)
@@ -225,7 +225,7 @@ def test_libvirtd_killed_between_create_and_start(own_libvirtd: dict[str, Any], 
 
 @pytest.mark.lab
 def test_libvirtd_killed_while_removing_with_storage(own_libvirtd: dict[str, Any], prefix: str,
-                                                               canary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     canary: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lab = own_libvirtd
     specs = specs_for(lab, [f"{prefix}g01"], disks=[{"name": "root", "size_gib": 1}, {"name": "data", "size_gib": 1}])
     assert converged(run(lab, specs))

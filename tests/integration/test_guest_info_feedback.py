@@ -37,7 +37,7 @@ def two_guests(lab: dict[str, Any], libvirt_conn: Any, run_module: Run) -> Itera
 
 
 def test_guest_info_output_fed_back_changes_nothing(lab: dict[str, Any], run_module: Run,
-                                                     two_guests: list[str]) -> None:
+                                                    two_guests: list[str]) -> None:
     uri = lab["libvirt"]["uri"]
     info = run_module("guest_info", {"uri": uri, "name": two_guests[0].rsplit("-", 1)[0] + "-*"})
     guests = info["guests"]

@@ -42,7 +42,7 @@ def at_once(args: dict[str, Any], env: dict[str, str], runs: int = 2) -> list[di
     """RUNS `guests` module processes started together; their results."""
     cmd = [str(BIN / "ansible"), "localhost", "-m", "virtfleet.core.guests", "-a", json.dumps(args)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(runs)]
+             for _unused in range(runs)]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=600)
@@ -134,10 +134,10 @@ def test_two_runs_that_planned_the_same_creates_race_safely(
     data = [{**g, "disks": [{**d, "pool": lab["libvirt"]["pool"]} for d in g["disks"]]} for g in args["guests"]]
     procs = [ctx.Process(target=_converge_after_barrier,
                          args=(lab["libvirt"]["uri"], data, lab["libvirt"]["pool"], lab["domain_type"], barrier, out))
-             for _ in range(2)]
+             for _unused in range(2)]
     for proc in procs:
         proc.start()
-    runs = [out.get(timeout=300) for _ in procs]
+    runs = [out.get(timeout=300) for _unused in procs]
     for proc in procs:
         proc.join(60)
     assert_declared(libvirt_conn, lab, guest_names, 1)

@@ -16,7 +16,7 @@ Run = Callable[..., dict[str, Any]]
 
 
 def test_a_disk_repointed_by_hand_keeps_the_volume_it_points_at(lab: dict[str, Any], libvirt_conn: Any,
-                                                                 run_module: Run) -> None:
+                                                                run_module: Run) -> None:
     name = f"vftest-repoint-{uuid.uuid4().hex[:6]}"
     foreign = f"{name}-foreign.qcow2"
     args = {"uri": lab["libvirt"]["uri"], "datastore": lab["libvirt"]["pool"], "domain_type": lab["domain_type"]}

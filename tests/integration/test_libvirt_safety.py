@@ -57,8 +57,6 @@ def exists(conn: Any, name: str) -> bool:
         return False
 
 
-
-
 def secure(dom: Any) -> str:
     return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
@@ -133,7 +131,7 @@ def test_disk_names_that_cannot_round_trip_are_refused_with_one_line(
     name = unique("dname")
     names.append(name)
     result = run_module("guest", {**base_args(lab), **spec(name, lab, disks=[{"name": "root", "size_gib": 0.01},
-                                                                           {"name": disk, "size_gib": 0.01}])})
+                                                                             {"name": disk, "size_gib": 0.01}])})
     assert result["_status"] == "FAILED!" and "\n" not in result["msg"], result
     assert name in result["msg"] and f"disks[1].name='{disk}'" in result["msg"]
     assert not exists(libvirt_conn, name) and volumes(libvirt_conn, lab, name) == set()
@@ -171,6 +169,7 @@ def test_lowered_memory_is_the_same_for_every_reader(
     discovered = next(g for g in facts["guests"] if g["name"] == name)
     listed = run_module("guest_info", {"uri": lab["libvirt"]["uri"], "name": name})["guests"][0]
     assert discovered["memory_mib"] == listed["memory_mib"] == 48
+
     def disks(guest: dict[str, Any]) -> list[tuple[str, Any]]:
         return [(d["name"], d["source"]) for d in guest["disks"]]
 
@@ -207,9 +206,9 @@ def test_a_create_killed_part_way_is_converged_and_stays_removable(
     data = spec(name, lab, disks=[{"name": "root", "size_gib": 0.01}, {"name": "data", "size_gib": 0.01}],
                 cloud_init={"meta_data": {"instance-id": name}})
     if point == "volume":
-        monkeypatch.setattr(libvirt.virStoragePool, "createXML", lambda *_a: (_ for _ in ()).throw(Killed()))
+        monkeypatch.setattr(libvirt.virStoragePool, "createXML", lambda *_a: (x for x in ()).throw(Killed()))
     else:
-        monkeypatch.setattr(libvirt.virStorageVol, "upload", lambda *_a: (_ for _ in ()).throw(Killed()))
+        monkeypatch.setattr(libvirt.virStorageVol, "upload", lambda *_a: (x for x in ()).throw(Killed()))
     place = Placement(pool=lab["libvirt"]["pool"], domain_type=lab["domain_type"])
     with LibvirtBackend(parse_endpoint(lab["libvirt"]["uri"]), 10) as backend, pytest.raises(Killed):
         converge(backend, [guest_spec_from_dict(data)], place, RunOptions())
@@ -235,7 +234,7 @@ def test_a_restart_that_could_not_start_the_guest_is_finished_by_the_next_presen
     with LibvirtBackend(parse_endpoint(lab["libvirt"]["uri"]), 10) as backend:
         current = next(s for s in backend.read_guests(Placement()) if s.spec.name == name)
         monkeypatch.setattr(libvirt.virDomain, "create",
-                            lambda *_a: (_ for _ in ()).throw(libvirt.libvirtError("start refused (injected)")))
+                            lambda *_a: (x for x in ()).throw(libvirt.libvirtError("start refused (injected)")))
         with pytest.raises(EndpointError):
             backend.restart_guest(current, 2, True)
         monkeypatch.undo()

@@ -50,7 +50,7 @@ def playbook(tmp_path: Path, lab: dict[str, Any], env: dict[str, str]) -> subpro
 
 @pytest.mark.lab
 def test_cloud_init_user_data_and_passwords_never_appear_in_output(tmp_path: Path, lab: dict[str, Any],
-                                                                     ansible_env: dict[str, str]) -> None:
+                                                                   ansible_env: dict[str, str]) -> None:
     # ansible-core before 2.21 always returns the module's arguments as ``invocation``; 2.21 on request.
     proc = playbook(tmp_path, lab, {**ansible_env, "ANSIBLE_INJECT_INVOCATION": "1"})
     out = proc.stdout + proc.stderr

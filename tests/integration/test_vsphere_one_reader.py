@@ -70,7 +70,7 @@ def both_readings(lab: dict[str, Any], where: str, guest: str) -> tuple[GuestFac
 
 @pytest.mark.parametrize("where", list(WHERE))
 def test_discovery_facts_and_convergence_state_agree_on_every_shared_field(lab: dict[str, Any], where: str,
-                                                                          name: str) -> None:
+                                                                           name: str) -> None:
     other = second_network(lab, where)
     converge_one(lab, where, {
         "name": name, "vcpus": 2, "memory_mib": 768, "state": "running",

@@ -155,7 +155,7 @@ def _add_disk(edit: Edit, change: Change) -> None:
     record.set("created", "no" if kept is not None else "yes")
     edit.meta_changed = True
     edit.storage.append((f"disk {disk.name!r}", storage.make_volume, (edit.session, edit.name, disk, pool, volume,
-                                                                     kept)))
+                                                                      kept)))
     if edit.hot(change):
         edit.live(f"attach disk {disk.name!r}", edit.dom.attachDeviceFlags, to_xml(element))
 

@@ -179,4 +179,3 @@ class VsphereBackend(GuestBackend):
 
     def remove_guest(self, current: GuestState, remove_storage: bool) -> None:
         lifecycle.remove_guest(self._conn, self._inv, current, remove_storage)
-

@@ -235,4 +235,3 @@ class Connection:
                 break
             result = collector.ContinueRetrievePropertiesEx(result.token)
             self.count()
-

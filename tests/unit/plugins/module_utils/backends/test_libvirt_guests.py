@@ -390,7 +390,7 @@ def test_a_volume_created_meanwhile_means_another_run_took_the_guest_over_and_no
 
 def test_a_failed_create_keeps_a_reused_volume(conn: FakeConn) -> None:
     conn.pools[POOL].volumes["web01+root.qcow2"] = FakeVol(conn.pools[POOL], "web01+root.qcow2", 1024**3)
-    conn.hooks["setAutostart"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "boom"))
+    conn.hooks["setAutostart"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "boom"))
     spec = full()
     spec.autostart = True
     with backend() as b, pytest.raises(EndpointError, match="boom"):
@@ -465,7 +465,7 @@ def test_an_update_killed_between_the_define_and_the_new_volume_is_converged(con
     run([desired()])
     more = desired(disks=[{"name": "root", "size_gib": 1}, {"name": "data", "size_gib": 2},
                           {"name": "logs", "size_gib": 1}])
-    conn.hooks["createXML"] = lambda: (_ for _ in ()).throw(Killed("createXML"))
+    conn.hooks["createXML"] = lambda: (x for x in ()).throw(Killed("createXML"))
     with pytest.raises(Killed):
         run([more])
     del conn.hooks["createXML"]
@@ -481,7 +481,7 @@ def test_an_update_killed_between_the_define_and_the_new_volume_is_converged(con
 def test_a_seed_update_killed_before_the_seed_is_written_is_written_by_the_next_run(conn: FakeConn) -> None:
     run([desired()])
     newer = desired(cloud_init={"meta_data": {"instance-id": "v2"}})
-    conn.hooks["upload"] = lambda: (_ for _ in ()).throw(Killed("upload"))
+    conn.hooks["upload"] = lambda: (x for x in ()).throw(Killed("upload"))
     with pytest.raises(Killed):
         run([newer])
     del conn.hooks["upload"]
@@ -494,7 +494,7 @@ def test_a_failing_define_leaves_autostart_seed_and_volumes_as_they_were(conn: F
     run([desired()])
     seed = conn.pools[POOL].volumes["web01+cidata.iso"].data
     before = volumes(conn)
-    conn.hooks["defineXML"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_XML_ERROR, "refused"))
+    conn.hooks["defineXML"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_XML_ERROR, "refused"))
     changed = desired(vcpus=2, autostart=True, cloud_init={"meta_data": {"instance-id": "v2"}},
                       disks=[{"name": "root", "size_gib": 3}, {"name": "data", "size_gib": 2},
                              {"name": "logs", "size_gib": 1}])
@@ -509,7 +509,7 @@ def test_a_failing_define_leaves_autostart_seed_and_volumes_as_they_were(conn: F
 def test_a_restart_whose_start_fails_leaves_a_mark_the_next_run_reads(conn: FakeConn) -> None:
     run([desired(state="running")])
     current = state()
-    conn.hooks["create"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "no start"))
+    conn.hooks["create"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "no start"))
     with backend() as b, pytest.raises(EndpointError, match="no start"):
         b.restart_guest(current, 1, True)
     del conn.hooks["create"]
@@ -522,7 +522,7 @@ def test_a_restart_whose_start_fails_leaves_a_mark_the_next_run_reads(conn: Fake
 
 def test_stopping_a_guest_an_interrupted_restart_left_down_only_clears_the_mark(conn: FakeConn) -> None:
     run([desired(state="running")])
-    conn.hooks["create"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "no start"))
+    conn.hooks["create"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "no start"))
     with backend() as b, pytest.raises(EndpointError, match="no start"):
         b.restart_guest(state(), 1, True)
     del conn.hooks["create"]
@@ -602,7 +602,7 @@ def test_updates_keep_console_passwords_and_autostart_or_tags_make_no_define(con
 
 def test_secrets_never_reach_facts_results_or_errors(conn: FakeConn) -> None:
     conn.defineXML(FOREIGN)
-    conn.hooks["defineXML"] = lambda: (_ for _ in ()).throw(error(lv.VIR_ERR_XML_ERROR, "refused"))
+    conn.hooks["defineXML"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_XML_ERROR, "refused"))
     result = run([guest_spec_from_dict({"name": "made-elsewhere", "vcpus": 3})])
     with backend() as b:
         found = discovery.guests(b.session, "kvm01", {})  # what discovery reads of every guest

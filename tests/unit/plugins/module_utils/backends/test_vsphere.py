@@ -60,7 +60,7 @@ def test_retrieve_follows_continuation_pages_with_one_view_per_type() -> None:
     )
     backend = backend_mod.VsphereBackend(parse_endpoint("vsphere://esx01"), 5)
     objs = list(backend._conn.retrieve(content, [([vim.VirtualMachine], [(vim.VirtualMachine, ["name"])]),
-                                            ([vim.HostSystem], [(vim.HostSystem, ["name"])])]))
+                                                 ([vim.HostSystem], [(vim.HostSystem, ["name"])])]))
     assert len(objs) == 12
     assert collector.calls == ["RetrievePropertiesEx"] + ["ContinueRetrievePropertiesEx"] * 3
     assert views == [[vim.VirtualMachine], [vim.HostSystem]]

@@ -353,7 +353,7 @@ def test_unknown_change_kinds_are_refused_not_ignored() -> None:
     current = state(props)
     with pytest.raises(EndpointError, match=r"boot\.kernel cannot be changed on vSphere"):
         new_backend().update_config(current, plan_of(current, Change("boot", None, "/k", key="kernel")),
-                                             live_only=False)
+                                    live_only=False)
 
 
 # ---------------------------------------------------------------------------------------------- verify

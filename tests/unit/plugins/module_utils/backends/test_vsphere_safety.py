@@ -114,9 +114,9 @@ class World:
     def RetrievePropertiesEx(self, specs: Any, options: Any) -> Any:
         from pyVmomi import vim
 
-        objects = [SimpleNamespace(obj=vim.VirtualMachine(m), propSet=[SimpleNamespace(name="name", val=n),
-                                                                        SimpleNamespace(name="config.instanceUuid",
-                                                                                        val=u)])
+        objects = [SimpleNamespace(obj=vim.VirtualMachine(m),
+                                   propSet=[SimpleNamespace(name="name", val=n),
+                                            SimpleNamespace(name="config.instanceUuid", val=u)])
                    for m, (n, u) in self.folder_vms.items()]
         return SimpleNamespace(objects=objects, token=None)
 
@@ -225,7 +225,7 @@ def test_kept_disks_are_reused_not_created_and_not_recorded_as_created() -> None
     assert extra["virtfleet.kept.root"] == "[ds1] web1/web1_root.vmdk" and "virtfleet.disk.root" not in extra
     assert created.created_disks == []  # remove_storage never deletes a disk this call did not make
     # root was kept at 1 GiB and is wanted at 2: attached at its size, then grown (never shrunk).
-    (grow,) = [c for c in kinds(world, "ReconfigVM")]
+    (grow,) = list(kinds(world, "ReconfigVM"))
     (edit,) = grow[2].deviceChange
     assert (edit.operation, edit.device.backing.fileName, edit.device.capacityInKB) == (
         "edit", "[ds1] web1/web1_root.vmdk", 2 * 1024 * 1024)
@@ -278,7 +278,7 @@ def test_a_disk_on_another_datastore_makes_its_directory_in_the_vms_datacenter()
     new = {"name": "logs", "size_gib": 1, "pool": "ds2", "format": "thin", "source": None, "bus": "scsi"}
     backend.update_guest(current, GuestPlan(desired=GuestSpec(name="web1"), current=current, action="update",
                                             changes=[Change("disks", None, new, key="logs")], after=current.spec))
-    ((_, path, datacenter),) = kinds(world, "MakeDirectory")
+    ((_kind, path, datacenter),) = kinds(world, "MakeDirectory")
     assert path == "[ds2] web1" and isinstance(datacenter, vim.Datacenter) and datacenter._moId == "dc-1"
     (reconfig,) = kinds(world, "ReconfigVM")
     (disk,) = [c for c in reconfig[2].deviceChange if c.fileOperation == "create"]
@@ -321,7 +321,7 @@ def test_written_gib_counts_only_disks_the_task_writes() -> None:
 
     def disk(fmt: str, op: str = "add", fop: Any = "create") -> Any:
         return configspec.disk_add(DiskSpec(name="d", size_gib=10, format=fmt), -1, (1000, 0),
-                                                    "[ds1] x/x_d.vmdk", create=fop == "create")
+                                   "[ds1] x/x_d.vmdk", create=fop == "create")
 
     config = vim.vm.ConfigSpec(deviceChange=[disk("thin"), disk("eagerzeroedthick"), disk("thick", fop=None)])
     assert codec.written_gib(config) == 10.0
@@ -333,8 +333,9 @@ def test_in_scope_follows_the_cluster_folder_and_resource_pool_placed_in() -> No
 
     cls = {"dc": vim.Datacenter, "f": vim.Folder, "cl": vim.ClusterComputeResource, "cr": vim.ComputeResource,
            "rp": vim.ResourcePool, "h": vim.HostSystem, "vm": vim.VirtualMachine}
-    refs = {m: cls[m.split("-")[0]](m) for m in ["dc-1", "f-vm", "f-team", "f-other", "cl-1", "cr-2", "rp-1",
-                                                 "rp-child", "rp-2", "h-1", "h-2", "vm-1", "vm-2", "vm-3"]}
+    ids = ["dc-1", "f-vm", "f-team", "f-other", "cl-1", "cr-2", "rp-1", "rp-child", "rp-2", "h-1", "h-2", "vm-1",
+           "vm-2", "vm-3"]
+    refs = {m: cls[m.split("-", maxsplit=1)[0]](m) for m in ids}
     hw = SimpleNamespace(numCpuThreads=8, memorySize=16 * 1024**3)
 
     def vm(name: str, folder: str, host: str, pool: str) -> dict[str, Any]:
