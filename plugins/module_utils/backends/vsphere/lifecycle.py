@@ -122,14 +122,11 @@ def _settle_create(conn: Connection, inv: Inventory, name: str, target: _Target,
                              result.token)
     others = sorted((m for m in same if m != vm._moId), key=_moid_order)
     if others and _moid_order(others[0]) < _moid_order(vm._moId):
-        # Another run created this guest first: remove our copy (keeping the disks we only attached).
-        reused = [c.device for c in build.changes if isinstance(c.device, vim.vm.device.VirtualDisk)
-                  and c.fileOperation is None]
+        # Another run created this guest first. Our copy names the same files as the winner's (same name, same
+        # paths), so it is unregistered, never destroyed: Destroy deletes a VM's files (vcsim: its whole
+        # directory), which are the winner's disks. (Real vSphere refuses the second CreateVM before this.)
         try:
-            if reused:
-                conn.task(name, "detaching disks", vm.ReconfigVM_Task, spec=vim.vm.ConfigSpec(deviceChange=[
-                    vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in reused]))
-            conn.task(name, "Destroy", vm.Destroy_Task)
+            conn.invoke(name, "UnregisterVM", vm.UnregisterVM)
         finally:
             inv.invalidate()
         raise EndpointError(conn.endpoint.label, f"guest {name!r}: another run created a VM of this name at "

@@ -50,6 +50,10 @@ class FakeVM:
         self.world.folder_vms.pop(self._moId, None)
         return done()
 
+    def UnregisterVM(self) -> None:
+        self.world.calls.append(("UnregisterVM", self._moId))
+        self.world.folder_vms.pop(self._moId, None)
+
     @property
     def config(self) -> Any:
         return SimpleNamespace(hardware=SimpleNamespace(device=self.world.devices))
@@ -254,12 +258,14 @@ def test_create_writes_the_mark_with_the_instance_uuid_it_gives_the_vm() -> None
 
 
 def test_a_same_named_vm_created_at_the_same_time_is_removed_by_the_run_that_came_second() -> None:
-    """vcsim does not refuse a second VM of a name in a folder: the later one is removed by its own run."""
+    """vcsim does not refuse a second VM of a name in a folder: the later one is unregistered by its own run, never
+    destroyed (its files are the other run's: same name, same paths)."""
     world = World()
     world.folder_vms["vm-50"] = ("web1", "5010aaaa-0000-0000-0000-000000000050")  # the other run's, first
     with pytest.raises(EndpointError, match=r"another run created a VM of this name at the same time \(vm-50\)"):
         world_backend(world).create_guest(spec(), Placement(), "virtfleet.core")
-    assert kinds(world, "Destroy") == [("Destroy", "vm-100")]  # ours, never the other run's
+    assert kinds(world, "UnregisterVM") == [("UnregisterVM", "vm-100")]  # ours, never the other run's
+    assert kinds(world, "Destroy") == [] and kinds(world, "DeleteDatastoreFile") == []
     assert list(world.folder_vms) == ["vm-50"]
 
 
