@@ -40,7 +40,7 @@ def test_templated_guest_names_survive_compose_groups_and_keyed_groups(ansible_e
     """ansible-inventory and ansible-playbook, as a user runs them: the names reach compose, groups and
     keyed_groups and a play's templating, and are never evaluated (the lookup would create MARKER)."""
     marker = tmp_path / "vfsec-pwned"
-    maths, lookup = "vfsec-{{ 7*7 }}", f"vfsec-{{{{ lookup('pipe', 'touch {marker.name}') }}}}"
+    maths, lookup = "vfsec-{{ 7919*7 }}", f"vfsec-{{{{ lookup('pipe', 'touch {marker.name}') }}}}"
     domains(maths, lookup)
     path = write_inventory(tmp_path, {
         "endpoints": ["qemu:///system"], "guests": True,
@@ -53,7 +53,7 @@ def test_templated_guest_names_survive_compose_groups_and_keyed_groups(ansible_e
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "out.json").read_text())
     text = json.dumps(data)
-    assert "49" not in "".join(data) and "vfsec-49" not in text
+    assert "55433" not in "".join(data) and "vfsec-55433" not in text
     assert group_hosts(data, "vfsec_templated") == {maths, lookup}
     playbook = tmp_path / "show.yml"
     playbook.write_text(yaml.safe_dump([{
@@ -63,8 +63,8 @@ def test_templated_guest_names_survive_compose_groups_and_keyed_groups(ansible_e
     proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(path), str(playbook)], capture_output=True,
                           text=True, env=ansible_env, cwd=tmp_path, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "COPY=[vfsec-{{ 7*7 }}] LABEL=[x-vfsec-{{ 7*7 }}]" in proc.stdout
-    assert "vfsec-49" not in proc.stdout
+    assert "COPY=[vfsec-{{ 7919*7 }}] LABEL=[x-vfsec-{{ 7919*7 }}]" in proc.stdout
+    assert "vfsec-55433" not in proc.stdout
     assert not marker.exists()
 
 

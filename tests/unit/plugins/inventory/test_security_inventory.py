@@ -174,9 +174,9 @@ def test_templated_names_are_never_evaluated_through_compose_groups_and_keyed_gr
 
     marker = tmp_path / "pwned"
     lookup = f"{{{{ lookup('pipe', 'touch {marker}') }}}}"
-    maths = "{{ 7*7 }}"
+    maths = "{{ 7919*7 }}"
     hosts, vms = esx("esx01", [lookup, maths])
-    hosts[0].name = "hv-{{ 6*7 }}"
+    hosts[0].name = "hv-{{ 6131*7 }}"
     fake.table = {"esx01": (hosts, vms)}
     if control:  # what a plugin that marked remote data as trusted templates would hand out
         monkeypatch.setattr(mod, "wrap_var", trusted)
@@ -189,7 +189,7 @@ def test_templated_names_are_never_evaluated_through_compose_groups_and_keyed_gr
     }
     try:
         inv = parse_file(inventory_plugin, tmp_path, config)
-    except AnsibleParserError as exc:  # keyed_groups got the int 49: only possible when the name was templated
+    except AnsibleParserError as exc:  # keyed_groups got the int 55433: only possible when the name was templated
         assert control, exc
         assert "Int" in str(exc)
         return
@@ -204,12 +204,13 @@ def test_templated_names_are_never_evaluated_through_compose_groups_and_keyed_gr
             rendered.append(str(templar.template(trust_as_template("{{ virtfleet_guest.name }}"))))
     text = " ".join(rendered) + " ".join(inv.groups)
     if control:
-        assert "49" in text or marker.exists()
+        assert "55433" in text or marker.exists()
         return
     assert not marker.exists()
-    assert "49" not in text and "42" not in text
+    # Values no path or id holds by chance (a tmp dir may be pytest-42).
+    assert "55433" not in text and "42917" not in text
     assert rendered.count(maths) == 2 and rendered.count(lookup) == 2 and f"x-{maths}" in rendered
-    assert "hv-{{ 6*7 }}" in rendered
+    assert "hv-{{ 6131*7 }}" in rendered
     assert members(inv, "has_braces") == {lookup, maths}
 
 
