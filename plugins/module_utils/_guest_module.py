@@ -8,7 +8,6 @@ Errors become a failure exactly once, here; everything below raises domain excep
 from __future__ import annotations
 
 import copy
-import math
 import traceback
 from typing import Any, Dict, List
 
@@ -17,7 +16,7 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ._argspec import guest_argument_spec, placement_from_params
 from ._converge import RunOptions, converge, diff_of
-from ._endpoints import uri_password
+from ._endpoints import check_bounds, uri_password
 from ._errors import ConfigError, VirtfleetError, one_line
 from ._guest_read import guest_backend
 from ._model import GuestSpec, guest_spec_from_dict, owner_id
@@ -28,9 +27,7 @@ MAX_SHUTDOWN_TIMEOUT = 86400.0
 
 def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOptions:
     timeout = params["shutdown_timeout"]
-    if not math.isfinite(timeout) or not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT:
-        raise ConfigError("shutdown_timeout", timeout, f"must be more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g} "
-                                                       "seconds")
+    check_bounds("shutdown_timeout", timeout, MAX_SHUTDOWN_TIMEOUT)
     return RunOptions(plan=PlanOptions(allow_restart=params["allow_restart"], remove_storage=params["remove_storage"],
                                        force=params["force"]),
                       exclusive=bool(params.get("exclusive")), allow_empty=bool(params.get("allow_empty")),

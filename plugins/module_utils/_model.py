@@ -315,7 +315,7 @@ class GuestState:
     ref: Any = None  # backend handle (libvirt domain, vSphere moref)
 
     def owned_by(self, owner: str) -> bool:
-        return self.owner is not None and self.owner == owner
+        return self.owner == owner
 
 
 @dataclasses.dataclass

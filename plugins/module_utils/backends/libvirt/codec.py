@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..._errors import EndpointError, MissingLibraryError
-from ..._model import BootSpec, CloudInit, GuestSpec, NicSpec, gib, mib
+from ..._model import SEED_DISK, BootSpec, CloudInit, GuestSpec, NicSpec, gib, mib
 
 # Our own XML namespace for the small tag dict kept in a domain's <metadata>.
 METADATA_NS = "https://virtfleet.dev/xmlns/guest/1"
@@ -26,7 +26,7 @@ METADATA_NS = "https://virtfleet.dev/xmlns/guest/1"
 RESTART_NS = "https://virtfleet.dev/xmlns/restart/1"
 ET.register_namespace("vf", METADATA_NS)
 LIBOSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
-SEED_ALIAS = "ua-virtfleet-cidata"
+SEED_ALIAS = f"ua-{SEED_DISK}"  # the user alias libvirt keeps for the seed; the model reserves the name
 
 # virDomainState -> normalised power state
 POWER = {0: "unknown", 1: "running", 2: "running", 3: "paused", 4: "running", 5: "stopped", 6: "stopped",
