@@ -7,13 +7,14 @@ Each test makes its own `vftest-` guests (unique names) and removes them and the
 
 from __future__ import annotations
 
-import uuid
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
 import pytest
 
 libvirt = pytest.importorskip("libvirt")
+
+from test_guests_libvirt import base_args, exists, unique, volumes  # noqa: E402  (the suite's own helpers)
 
 from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import parse_endpoint  # noqa: E402
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import EndpointError  # noqa: E402
@@ -28,33 +29,11 @@ from ansible_collections.virtfleet.core.plugins.module_utils.backends.libvirt im
 Run = Callable[..., dict[str, Any]]
 
 
-def unique(prefix: str) -> str:
-    return f"vftest-{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def base_args(lab: dict[str, Any]) -> dict[str, Any]:
-    return {"uri": lab["libvirt"]["uri"], "datastore": lab["libvirt"]["pool"], "domain_type": lab["domain_type"]}
-
-
 def spec(name: str, lab: dict[str, Any], **extra: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"name": name, "vcpus": 1, "memory_mib": 64, "disks": [{"name": "root", "size_gib": 0.01}],
                             "nics": [{"network": lab["libvirt"]["network"]}]}
     data.update(extra)
     return data
-
-
-def volumes(conn: Any, lab: dict[str, Any], name: str) -> set[str]:
-    pool = conn.storagePoolLookupByName(lab["libvirt"]["pool"])
-    pool.refresh(0)
-    return {v.name() for v in pool.listAllVolumes(0) if v.name().startswith(name + "+")}
-
-
-def exists(conn: Any, name: str) -> bool:
-    try:
-        conn.lookupByName(name)
-        return True
-    except libvirt.libvirtError:
-        return False
 
 
 def secure(dom: Any) -> str:
