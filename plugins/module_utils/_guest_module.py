@@ -73,15 +73,22 @@ def hide_secrets(module: AnsibleModule) -> Dict[str, Any]:
     if secret:
         module.no_log_values.add(secret)
     params = copy.deepcopy(module.params)
-    for entry in params.get("guests") or []:
+    mask_user_data(module, params.get("guests"))
+    for target in params.get("targets") or []:  # fleet_guests: each target's guests
+        if isinstance(target, dict):
+            mask_user_data(module, target.get("guests"))
+    return {"module_args": params}
+
+
+def mask_user_data(module: AnsibleModule, entries: Any) -> None:
+    """Mask each entry's cloud_init.user_data in place, and make its strings no_log values of MODULE."""
+    for entry in entries if isinstance(entries, list) else []:
         cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None
         if isinstance(cloud_init, dict) and cloud_init.get("user_data") is not None:
-            user_data = cloud_init["user_data"]
-            for text in _strings(user_data):
+            for text in _strings(cloud_init["user_data"]):
                 if len(text) >= 8:  # short values (true, a package name) would mask unrelated output
                     module.no_log_values.add(text)
             cloud_init["user_data"] = NO_LOG
-    return {"module_args": params}
 
 
 def _strings(value: Any) -> List[str]:

@@ -111,6 +111,8 @@ class GuestFacts:
     disks: List[GuestDisk] = dataclasses.field(default_factory=list)
     nics: List[GuestNic] = dataclasses.field(default_factory=list)
     tags: Dict[str, str] = dataclasses.field(default_factory=dict)
+    # The owner id of this collection's ownership mark, when the mark was written on this very guest.
+    owner: Optional[str] = None
     # Internal: templates are read (to be left out) but never listed; host_key names the backend's host.
     template: bool = False
     host_key: str = ""
@@ -124,6 +126,7 @@ class GuestFacts:
             "disks": [{"name": d.name, "size_gib": d.size_gib, "source": d.source, "bus": d.bus} for d in self.disks],
             "nics": [{"mac": n.mac, "network": n.network, "model": n.model} for n in self.nics],
             "tags": dict(self.tags),
+            "owner": self.owner,
         }
 
 

@@ -123,6 +123,7 @@ def guest_facts(xml: str, stats: Dict[str, Any], host_key: str, leases: Dict[str
         disks=disks,
         nics=nics,
         tags=dom.tags,
+        owner=dom.owner,
         host_key=host_key,
     )
 

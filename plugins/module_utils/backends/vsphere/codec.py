@@ -70,6 +70,12 @@ def extra_config(options: Iterable[Tuple[str, Optional[str]]]) -> Dict[str, str]
     return {k: v for k, v in out.items() if v != ""}
 
 
+def owner(extra: Dict[str, str], instance_uuid: Optional[str]) -> Optional[str]:
+    """The mark's owner id, only when the mark was written on this very VM (it names its instanceUuid)."""
+    uuid = (instance_uuid or "").lower()
+    return extra.get(OWNER_KEY) if uuid and extra.get(OWNER_UUID_KEY, "").lower() == uuid else None
+
+
 def tags(extra: Dict[str, str]) -> Dict[str, str]:
     return {k[len(TAG_PREFIX):]: v for k, v in extra.items() if k.startswith(TAG_PREFIX)}
 

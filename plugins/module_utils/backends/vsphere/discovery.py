@@ -38,7 +38,7 @@ HOST_PROPS = [
 VM_PROPS = [
     "name", "config.uuid", "config.template", "config.guestFullName", "config.hardware.numCPU",
     "config.hardware.memoryMB", "config.hardware.device", "config.extraConfig", "runtime.powerState",
-    "runtime.host", "guest.net",
+    "runtime.host", "guest.net", "config.instanceUuid",
 ]
 VM_STATE_PROPS = ["runtime.powerState", "runtime.host", "config.template"]  # discover(guests=False)
 DATASTORE_PROPS = ["summary.name", "summary.type", "summary.capacity", "summary.freeSpace"]
@@ -185,6 +185,7 @@ def guest_from_raw(moid: str, values: Dict[str, Any], networks: Dict[str, str], 
                                                      networks)) for nic in nics]
     guest.ip_addresses = sorted(set(raw.addresses(values.get("guest.net"))))
     guest.tags = codec.tags(extra)
+    guest.owner = codec.owner(extra, raw.text(values.get("config.instanceUuid")))
     return guest
 
 

@@ -100,7 +100,7 @@ def vm_state(ref: Any, props: Dict[str, Any], networks: Dict[str, str], host_cpu
     return GuestState(
         spec=spec,
         power_state=power_state,
-        owner=extra.get(OWNER_KEY) if marked_here else None,
+        owner=codec.owner(extra, instance_uuid),
         created_disks=created,
         interrupted_restart=power_state == "stopped" and bool(instance_uuid)
         and extra.get(RESTARTING_KEY, "").lower() == instance_uuid,
