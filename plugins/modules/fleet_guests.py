@@ -1,0 +1,132 @@
+#!/usr/bin/python
+# Copyright: virtfleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: fleet_guests
+short_description: Converge the guests placed on many libvirt and vSphere hypervisors, in one task
+version_added: 0.3.0
+description:
+  - The fleet form of M(virtfleet.core.guests) - every target (one hypervisor with its guests, as the
+    P(virtfleet.core.place#filter) filter returns them in C(targets)) is converged in parallel, each with one
+    connection, one bulk read and every guest planned before anything on that hypervisor is changed.
+  - A target whose plan fails (a guest that is invalid for that hypervisor, an endpoint that is down) changes
+    nothing there and is reported in its result; the other targets go on.
+  - The playbooks C(virtfleet.core.plan), C(virtfleet.core.apply) and C(virtfleet.core.drift) and the role
+    C(virtfleet.core.fleet) call this once per run.
+author:
+  - virtfleet maintainers (@virtfleet)
+requirements:
+  - libvirt-python and pycdlib (libvirt endpoints)
+  - pyvmomi (vSphere endpoints)
+extends_documentation_fragment:
+  - virtfleet.core.convergence
+options:
+  targets:
+    description:
+      - One entry per hypervisor - C(hypervisor) (its inventory name), C(uri), C(placement) (the options of the
+        virtfleet.core.placement fragment - datacenter, cluster, esxi_host, datastore, folder, resource_pool,
+        domain_type), C(guests) (entries as for M(virtfleet.core.guests)) and C(exclusive).
+      - With C(exclusive), guests of O(owner) on that hypervisor that are not listed are removed (the fleet's
+        C(prune)).
+    type: list
+    elements: dict
+    required: true
+  username:
+    description: User for every vSphere target. Falls back to E(VMWARE_USER).
+    type: str
+    aliases: [user]
+  password:
+    description: Password for every vSphere target. Falls back to E(VMWARE_PASSWORD).
+    type: str
+    aliases: [pass, pwd]
+  validate_certs:
+    description: Check the TLS certificate of every endpoint. Falls back to E(VMWARE_VALIDATE_CERTS).
+    type: bool
+    default: true
+  ca_path:
+    description: CA bundle to check certificates with. Falls back to E(VIRTFLEET_CA_PATH), E(REQUESTS_CA_BUNDLE).
+    type: path
+  allow_uri_commands:
+    description: Allow libvirt URIs that run a program (see M(virtfleet.core.guests)).
+    type: bool
+    default: false
+  timeout:
+    description: Seconds per call to one endpoint.
+    type: float
+    default: 10
+  max_endpoints:
+    description: Targets converged at the same time.
+    type: int
+    default: 16
+attributes:
+  check_mode:
+    support: full
+    description: Same results per target as the real run; nothing that changes a hypervisor is sent.
+  diff_mode:
+    support: none
+notes:
+  - Credentials are shared by all vSphere targets of one task; converge fleets behind vCenters with different
+    credentials in one task each.
+seealso:
+  - module: virtfleet.core.guests
+"""
+
+EXAMPLES = r"""
+- name: Plan a placed fleet (check mode) and keep the per-hypervisor results
+  virtfleet.core.fleet_guests:
+    targets: "{{ fleet_placement.targets }}"
+    owner: "{{ fleet_placement.fleet }}"
+  check_mode: true
+  register: fleet_planned
+"""
+
+RETURN = r"""
+targets:
+  description: One result per target, in the order given.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    hypervisor:
+      description: The target's inventory name.
+      type: str
+    failed:
+      description: The target's plan or apply failed (see C(msg)); when its plan failed nothing was changed there.
+      type: bool
+    msg:
+      description: Why the target failed, one line.
+      type: str
+    guests:
+      description: One result per guest, as M(virtfleet.core.guests) returns them.
+      type: list
+      elements: dict
+    planned:
+      description: The names of the guests the target was given.
+      type: list
+      elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
+    connection_argument_spec,
+    convergence_argument_spec,
+)
+from ansible_collections.virtfleet.core.plugins.module_utils._fleet_run import run_fleet_module
+
+
+def main() -> None:
+    connection = {k: v for k, v in connection_argument_spec().items() if k != "uri"}
+    spec = {**connection, **convergence_argument_spec(),
+            "targets": {"type": "list", "elements": "dict", "required": True},
+            "max_endpoints": {"type": "int", "default": 16}}
+    # no_log: the targets hold the guests' cloud-init documents; results mask them (see run_fleet_module).
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True, no_log=True)
+    run_fleet_module(module)
+
+
+if __name__ == "__main__":
+    main()
