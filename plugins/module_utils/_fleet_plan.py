@@ -107,6 +107,9 @@ def build_plan(placement: Dict[str, Any], converged: Sequence[Dict[str, Any]]) -
                             for c in result.get("changes") or []],
                 "restart_required": bool(result.get("restart_required")),
             }
+            if entry["action"] == "create":
+                # What would be made, in full: the digest of a reviewed plan covers every field of a new guest.
+                entry["guest"] = result.get("guest")
             if result.get("failed"):
                 entry["error"] = result.get("msg")
             guests.append(entry)
