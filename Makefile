@@ -92,7 +92,8 @@ demo: collection lab-up
 	@export VMWARE_USER=$$($(BIN)/python -c 'import json; print(json.load(open(".lab/state.json"))["username"])'); \
 	 export VMWARE_PASSWORD=$$($(BIN)/python -c 'import json; print(json.load(open(".lab/state.json"))["password"])'); \
 	 $(BIN)/ansible-inventory -i playbooks/inventory/lab.hypervisors.yml --graph && \
-	 $(BIN)/ansible-playbook -i playbooks/inventory/lab.hypervisors.yml -i localhost, playbooks/demo.yml
+	 $(BIN)/ansible-playbook -i playbooks/inventory/lab.hypervisors.yml -i localhost, playbooks/demo.yml \
+	   -e demo_dir=$(CURDIR)/.build/demo
 
 build: collection
 	@mkdir -p .build/dist
