@@ -79,7 +79,8 @@ oldest: collection $(OLDEST)/.done
 	$(OLDEST)/bin/python -c 'import ansible, sys; print("oldest: ansible-core", ansible.__version__, "on Python", sys.version.split()[0])'
 	$(OLDEST)/bin/pytest -q -p no:cacheprovider tests/unit/plugins/inventory tests/unit/plugins/module_utils/test_safety.py \
 	  tests/unit/plugins/module_utils/test_plan.py tests/unit/plugins/module_utils/test_model.py \
-	  tests/unit/plugins/module_utils/test_endpoints.py tests/unit/plugins/module_utils/test_security_endpoints.py
+	  tests/unit/plugins/module_utils/test_endpoints.py tests/unit/plugins/module_utils/test_security_endpoints.py \
+	  tests/unit/plugins/module_utils/test_fleet.py
 
 integration: collection lab-up
 	$(BIN)/pytest -q tests/integration

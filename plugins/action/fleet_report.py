@@ -41,7 +41,10 @@ def _write(path: Path, text: str) -> bool:
 
 def render(plan: Dict[str, Any], title: str) -> Dict[str, str]:
     """The three files' contents for PLAN."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
+    # The page is HTML-escaped throughout (names and reasons come from hypervisors); the Markdown is not HTML.
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
+                                                                 default_for_string=False),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=False)
     env.filters["to_json"] = lambda value: json.dumps(value, sort_keys=True)

@@ -41,8 +41,10 @@ def _host_dict(host: Host) -> Dict[str, Any]:
         "name": host.name, "type": host.type, "uri": host.uri, "in_limit": host.in_limit,
         "labels": sorted(host.labels),
         "vcpus": {"threads": host.threads, "capacity": round(host.vcpu_capacity, 2), "allocated": host.vcpus_used},
-        "memory_mib": {"total": host.memory_mib, "capacity": round(host.memory_capacity), "allocated": host.memory_used},
-        "storage": [{"name": name, "free_gib": round(free, 2), "planned_gib": round(host.storage_used.get(name, 0.0), 2)}
+        "memory_mib": {"total": host.memory_mib, "capacity": round(host.memory_capacity),
+                       "allocated": host.memory_used},
+        "storage": [{"name": name, "free_gib": round(free, 2),
+                     "planned_gib": round(host.storage_used.get(name, 0.0), 2)}
                     for name, free in sorted(host.storage_free.items())],
         "default_storage": host.default_storage,
         "guests": sorted(host.placed), "other_guests": sorted(e.name for e in host.existing
@@ -71,8 +73,8 @@ def placement_data(fleet_raw: Any, hypervisors: Sequence[Dict[str, Any]], guests
         targets.append({"hypervisor": host.name, "uri": host.uri, "placement": dict(host.placement, datastore=(
             host.default_storage)), "guests": by_host.get(host.name, []), "exclusive": fleet.prune})
     placed_names = {p.guest.name for p in result.placed}
-    elsewhere = {n for n in (u["name"] for u in result.unplaceable)} | {p["name"] for p in result.pending} | {
-        g for u in result.unreachable for g in u["guests"]}
+    elsewhere = ({u["name"] for u in result.unplaceable} | {p["name"] for p in result.pending}
+                 | {g for u in result.unreachable for g in u["guests"]})
     absent = sorted(g.name for g in fleet.guests if g.name not in placed_names and g.name not in elsewhere)
     return {
         "fleet": fleet.name, "prune": fleet.prune, "strategy": fleet.strategy, "targets": targets,

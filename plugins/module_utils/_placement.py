@@ -250,8 +250,8 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
     by_name = {h.name: h for h in hosts}
     where: Dict[str, List[Host]] = {}
     for host in hosts:
-        for guest in host.existing:
-            where.setdefault(guest.name, []).append(host)
+        for seen in host.existing:
+            where.setdefault(seen.name, []).append(host)
     lost = [{"name": str(_get(u, "name")), "type": _get(u, "type")} for u in unreachable]
     lost_names = {u["name"] for u in lost}
     unreachable_guests: Dict[str, List[str]] = {u["name"]: [] for u in lost}
@@ -315,7 +315,7 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
         else:
             host = min(fits, key=lambda h: (-(h.memory_left() - guest.memory_mib) / max(h.memory_capacity, 1.0),
                                             len(h.placed) + len(h.existing), h.name))
-        _, need = _storage_need(guest, host)
+        need = _storage_need(guest, host)[1]
         for pool, gib in need.items():
             host.storage_used[pool] = host.storage_used.get(pool, 0.0) + gib
         host.memory_used += guest.memory_mib
@@ -335,4 +335,3 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
         unreachable=[{"hypervisor": name, "guests": sorted(guests)}
                      for name, guests in sorted(unreachable_guests.items())],
         pending=sorted(pending, key=lambda p: p["name"]), notes=notes, hosts=hosts)
-

@@ -67,6 +67,7 @@ attributes:
     description: Same results per target as the real run; nothing that changes a hypervisor is sent.
   diff_mode:
     support: none
+    description: No diff is returned; the per-guest changes are in the results.
 notes:
   - Credentials are shared by all vSphere targets of one task; converge fleets behind vCenters with different
     credentials in one task each.

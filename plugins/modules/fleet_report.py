@@ -42,6 +42,7 @@ attributes:
     description: The files are written in check mode too - they describe the plan, they change no hypervisor.
   diff_mode:
     support: none
+    description: No diff is returned; the per-guest changes are in the results.
 """
 
 EXAMPLES = r"""

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import yaml
-
 from conftest import BIN, REPO, remove_libvirt_guests
 
 
@@ -46,6 +45,7 @@ def fleet_file(ctx: Dict[str, Any], guests: List[Dict[str, Any]], **extra: Any) 
         "defaults": {"memory_mib": 128, "vcpus": 1, "nics": [{"network": "prod"}]},
         "hypervisors": [
             {"type": "kvm", "networks": {"prod": lab["libvirt"]["network"]}, "domain_type": lab["domain_type"],
+             "cpu_ratio": 16,
              "storage": {"fast": lab["libvirt"]["pool"]}},
             {"type": "esxi", "networks": {"prod": "VM Network"}},
         ],
@@ -163,8 +163,8 @@ def test_reviewed_plan_that_no_longer_matches_changes_nothing(fleet_ctx: Dict[st
     assert proc.returncode != 0 and "edited after plan.yml wrote it" in proc.stdout
 
 
-def test_prune_only_with_prune_and_only_this_fleet(fleet_ctx: Dict[str, Any], libvirt_conn: Any,
-                                                    names: List[str]) -> None:
+def test_prune_only_with_prune_and_only_this_fleet(
+        fleet_ctx: Dict[str, Any], libvirt_conn: Any, names: List[str]) -> None:
     ctx, p = fleet_ctx, fleet_ctx["prefix"]
     kvm = {"hypervisor_type": "kvm"}
     out = ctx["dir"] / "out"
@@ -254,7 +254,7 @@ def test_report_in_headless_chromium(fleet_ctx: Dict[str, Any]) -> None:
     assert chromium, "chromium is installed by make deps (bindep.txt)"
     base = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
             f"--user-data-dir={ctx['dir'] / 'chromium'}"]
-    dom = subprocess.run(base + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120,
+    dom = subprocess.run([*base, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     plan = read_plan(out)
     for hv in plan["hypervisors"]:
@@ -263,7 +263,7 @@ def test_report_in_headless_chromium(fleet_ctx: Dict[str, Any]) -> None:
     assert f"{p}-huge" in dom and "fits nowhere" in dom
     assert re.search(r'class="fill[^"]*" style="width: [0-9.]+%"', dom)
     shot = ctx["dir"] / "report.png"
-    subprocess.run(base + ["--window-size=1200,1400", f"--screenshot={shot}", report.as_uri()],
+    subprocess.run([*base, "--window-size=1200,1400", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
     images = REPO / ".build" / "screenshots"

@@ -25,7 +25,6 @@ from .codec import (
     CLOUD_INIT_DIGEST_KEY,
     DISK_PREFIX,
     NIC_CLASSES,
-    OWNER_KEY,
     OWNER_UUID_KEY,
     RESTARTING_KEY,
     VSPHERE_DISK_BUSES,
