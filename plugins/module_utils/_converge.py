@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._errors import ConfigError, VirtfleetError, one_line
 from ._model import OWNER_TAG, GuestSpec, GuestState, Placement
@@ -28,6 +28,9 @@ class RunOptions:
     shutdown_timeout: float = 120.0
     check_mode: bool = False
     max_workers: int = 8
+    # With exclusive, names never removed although not in the list (a fleet's guests placed elsewhere or not
+    # placed at all: the fleet declares them, so prune must not delete them).
+    keep: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -121,7 +124,7 @@ def plan_all(backend: GuestBackend, specs: List[GuestSpec], placement: Placement
     if options.exclusive:
         # Only guests this owner's mark was written on, inside what the user placed guests in.
         kept = {id(p.current) for p in plans if p.current is not None}
-        names = {s.name for s in specs}
+        names = {s.name for s in specs} | set(options.keep)
         for state in states:
             if (state.owned_by(options.owner) and state.in_scope and id(state) not in kept
                     and state.spec.name not in names):

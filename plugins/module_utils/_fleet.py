@@ -16,6 +16,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from ansible.module_utils.errors import NoLogError
 
 from ._argspec import guest_argument_spec
 from ._errors import ConfigError
@@ -112,7 +113,7 @@ class HypervisorRule:
     selectors: Dict[str, str]
     settings: Dict[str, Any]
 
-    def matches(self, name: str, hv_type: str, cluster: Optional[str]) -> bool:
+    def matches(self, name: str, hv_type: Optional[str], cluster: Optional[str]) -> bool:
         if "name" in self.selectors and not fnmatch.fnmatchcase(name, self.selectors["name"]):
             return False
         if "type" in self.selectors and self.selectors["type"] != hv_type:
@@ -161,7 +162,9 @@ def _validate(spec: Dict[str, Any], data: Any, label: str) -> Dict[str, Any]:
         raise ConfigError(label, data, "must be a mapping")
     result = ArgumentSpecValidator(spec).validate(_without_none(data))
     if result.error_messages:
-        raise ConfigError(label, "...", result.error_messages[0])
+        # A no_log option's error says only that a value could not be parsed: the next one names the field.
+        named = [str(e) for e in result.errors if not isinstance(e, NoLogError)] or result.error_messages
+        raise ConfigError(label, "...", named[0])
     return _without_none(result.validated_parameters)
 
 

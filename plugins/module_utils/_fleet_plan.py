@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ._errors import ConfigError
 from ._fleet import fleet_from_dict
 from ._placement import Host, PlacementResult, build_hosts, place
 
@@ -43,8 +44,7 @@ def _host_dict(host: Host) -> Dict[str, Any]:
         "vcpus": {"threads": host.threads, "capacity": round(host.vcpu_capacity, 2), "allocated": host.vcpus_used},
         "memory_mib": {"total": host.memory_mib, "capacity": round(host.memory_capacity),
                        "allocated": host.memory_used},
-        "storage": [{"name": name, "free_gib": round(free, 2),
-                     "planned_gib": round(host.storage_used.get(name, 0.0), 2)}
+        "storage": [{"name": name, "free_gib": round(free, 2), "planned_gib": round(host.planned_gib(name), 2)}
                     for name, free in sorted(host.storage_free.items())],
         "default_storage": host.default_storage,
         "guests": sorted(host.placed), "other_guests": sorted(e.name for e in host.existing
@@ -60,18 +60,21 @@ def placement_data(fleet_raw: Any, hypervisors: Sequence[Dict[str, Any]], guests
     fleet = fleet_from_dict(fleet_raw)
     hosts = build_hosts(fleet, [_hypervisor_facts(h) for h in hypervisors],
                         [g.get("virtfleet_guest", g) if isinstance(g, Mapping) else g for g in guests], limit)
+    check_inventory(hosts)
     lost = [e for e in (_unreachable_entry(u) for u in unreachable) if e is not None]
     result: PlacementResult = place(fleet, hosts, lost)
     by_host: Dict[str, List[Dict[str, Any]]] = {}
     for item in result.placed:
         if item.host.in_limit:
             by_host.setdefault(item.host.name, []).append(item.options)
+    # Prune never removes a guest the fleet declares, wherever placement put it (or could not).
+    keep = sorted(g.name for g in fleet.guests if g.spec.state != "absent") if fleet.prune else []
     targets = []
     for host in result.hosts:
         if not host.in_limit or (host.name not in by_host and not fleet.prune):
             continue
         targets.append({"hypervisor": host.name, "uri": host.uri, "placement": dict(host.placement, datastore=(
-            host.default_storage)), "guests": by_host.get(host.name, []), "exclusive": fleet.prune})
+            host.default_storage)), "guests": by_host.get(host.name, []), "exclusive": fleet.prune, "keep": keep})
     placed_names = {p.guest.name for p in result.placed}
     elsewhere = ({u["name"] for u in result.unplaceable} | {p["name"] for p in result.pending}
                  | {g for u in result.unreachable for g in u["guests"]})
@@ -84,16 +87,42 @@ def placement_data(fleet_raw: Any, hypervisors: Sequence[Dict[str, Any]], guests
     }
 
 
+DIGESTED = ("fleet", "options", "guests", "unplaceable", "unreachable", "pending", "errors")
+# The run options that change what an apply does beside the plan's changes (disks removed, guests powered off).
+OPTIONS = ("remove_storage", "force", "allow_restart")
+
+
+def check_inventory(hosts: Sequence[Host]) -> None:
+    """Refuse an inventory without guest facts: every fleet guest would look new and be placed again, maybe on
+    another hypervisor than the one it runs on."""
+    blind = [h.name for h in hosts if h.reported_guests and not h.existing]
+    if blind:
+        raise ConfigError("inventory", blind[0], f"reports {len(blind)} hypervisor(s) with guests but no guest facts; "
+                                                 "build the hypervisors inventory with guests: true")
+
+
+def check_fleet(fleet_raw: Any, hypervisors: Sequence[Any], guests: Sequence[Any]) -> str:
+    """What the fleet_check filter says: the fleet file and the inventory checked (one ConfigError if not)."""
+    fleet = fleet_from_dict(fleet_raw)
+    check_inventory(build_hosts(fleet, [_hypervisor_facts(h) for h in hypervisors],
+                                [g.get("virtfleet_guest", g) if isinstance(g, Mapping) else g for g in guests], None))
+    return (f"fleet {fleet.name}: {len(fleet.guests)} guests, {len(fleet.hypervisors)} hypervisor rules, "
+            f"strategy {fleet.strategy}, prune {'on' if fleet.prune else 'off'}")
+
+
 def plan_digest(plan: Dict[str, Any]) -> str:
-    """sha256 over what the plan would do: guests and their changes, and what it would not place. Two plans with
-    one digest make the same calls."""
-    content = {k: plan.get(k) for k in ("fleet", "guests", "unplaceable", "unreachable", "pending", "errors")}
+    """sha256 over what the plan would do: the options it runs with, guests and their changes (a create with the
+    whole guest and where it goes), and what it would not place. Two plans with one digest make the same calls."""
+    content = {k: plan.get(k) for k in DIGESTED}
     blob = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def build_plan(placement: Dict[str, Any], converged: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """plan.json: PLACEMENT plus what ``fleet_guests`` (check mode or real) said per hypervisor."""
+def build_plan(placement: Dict[str, Any], converged: Sequence[Dict[str, Any]],
+               options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """plan.json: PLACEMENT plus what ``fleet_guests`` (check mode or real) said per hypervisor, run with OPTIONS
+    (remove_storage, force, allow_restart)."""
+    where = {t["hypervisor"]: t.get("placement") or {} for t in placement.get("targets") or []}
     guests: List[Dict[str, Any]] = []
     errors: List[Dict[str, Any]] = []
     for target in sorted(converged, key=lambda t: str(t.get("hypervisor"))):
@@ -112,6 +141,7 @@ def build_plan(placement: Dict[str, Any], converged: Sequence[Dict[str, Any]]) -
             if entry["action"] == "create":
                 # What would be made, in full: the digest of a reviewed plan covers every field of a new guest.
                 entry["guest"] = result.get("guest")
+                entry["placement"] = {k: v for k, v in where.get(target["hypervisor"], {}).items() if v is not None}
             if result.get("failed"):
                 entry["error"] = result.get("msg")
             guests.append(entry)
@@ -119,7 +149,8 @@ def build_plan(placement: Dict[str, Any], converged: Sequence[Dict[str, Any]]) -
         guests.append({"name": name, "hypervisor": None, "action": "none", "changes": [], "restart_required": False})
     guests.sort(key=lambda g: (g["name"], str(g["hypervisor"])))
     plan: Dict[str, Any] = {
-        "version": PLAN_VERSION, "fleet": placement["fleet"], "guests": guests,
+        "version": PLAN_VERSION, "fleet": placement["fleet"],
+        "options": {k: bool((options or {}).get(k)) for k in OPTIONS}, "guests": guests,
         "unplaceable": placement.get("unplaceable") or [], "unreachable": placement.get("unreachable") or [],
         "pending": placement.get("pending") or [], "errors": errors, "notes": placement.get("notes") or [],
         "hypervisors": placement.get("hypervisors") or [],
@@ -146,6 +177,8 @@ def drift_of(plan: Dict[str, Any]) -> List[str]:
     lines.extend(f"{u['name']}: not placed ({u['reason']})" for u in plan.get("unplaceable") or [])
     lines.extend(f"{p['name']}: pending on {p['hypervisor']}" for p in plan.get("pending") or [])
     lines.extend(f"{e['hypervisor']}: plan failed ({e['msg']})" for e in plan.get("errors") or [])
+    lines.extend(f"{u['hypervisor']}: unreachable, not checked (may hold {', '.join(u['guests'])})"
+                 for u in plan.get("unreachable") or [] if u["guests"])
     return lines
 
 
@@ -160,7 +193,7 @@ def compare_reviewed(reviewed: Dict[str, Any], plan: Dict[str, Any]) -> Optional
     old = {(g["name"], g.get("hypervisor")): g for g in reviewed.get("guests") or []}
     new = {(g["name"], g.get("hypervisor")): g for g in plan.get("guests") or []}
     differ = sorted({k[0] for k in set(old) ^ set(new)} | {k[0] for k in set(old) & set(new) if old[k] != new[k]})
-    for key in ("unplaceable", "unreachable", "pending", "errors"):
+    for key in ("options", "unplaceable", "unreachable", "pending", "errors"):
         if reviewed.get(key) != plan.get(key):
             differ.append(f"({key})")
     shown = ", ".join(differ[:10]) + (f" and {len(differ) - 10} more" if len(differ) > 10 else "")

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gc
+import multiprocessing
+import os
 from typing import Any, Dict, List
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ._argspec import endpoint_from_params
+from ._argspec import connection_argument_spec, convergence_argument_spec, endpoint_from_params
 from ._converge import RunOptions, converge
 from ._endpoints import check_bounds
 from ._errors import ConfigError, VirtfleetError, one_line
-from ._guest_module import hide_secrets, run_options_from_params, specs_from_entries
+from ._fleet_plan import OPTIONS, build_plan
+from ._guest_module import hide_secrets, run_options_from_params, specs_from_entries, strings_of
 from ._model import Placement
-from .backends import guest_backend_for
+from .backends import guest_backend_for, preload
 
-TARGET_KEYS = ("hypervisor", "uri", "placement", "guests", "exclusive")
+TARGET_KEYS = ("hypervisor", "uri", "placement", "guests", "exclusive", "keep")
 PLACEMENT_KEYS = ("datacenter", "cluster", "esxi_host", "datastore", "folder", "resource_pool", "domain_type")
 
 
@@ -48,7 +52,11 @@ def _one(target: Dict[str, Any], params: Dict[str, Any], options: RunOptions) ->
         specs = specs_from_entries(target.get("guests") or [])
         placement = _placement(target, label)
         endpoint = endpoint_from_params(dict(params, uri=target.get("uri")))
-        run = dataclasses.replace(options, exclusive=bool(target.get("exclusive")), allow_empty=True)
+        keep = target.get("keep") or []
+        if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+            raise ConfigError(f"{label}.keep", "...", "must be a list of guest names")
+        run = dataclasses.replace(options, exclusive=bool(target.get("exclusive")), allow_empty=True,
+                                  keep=tuple(keep))
         with guest_backend_for(endpoint, params["timeout"]) as backend:
             results = converge(backend, specs, placement, run)
     except VirtfleetError as exc:
@@ -80,20 +88,100 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     # Guests of one endpoint are applied by that endpoint's own pool: keep the total number of threads bounded.
     per_endpoint = max(1, min(options.max_workers, 32 // min(len(targets), max_endpoints)))
     run = dataclasses.replace(options, max_workers=per_endpoint)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(max_endpoints, len(targets)))) as pool:
-        return list(pool.map(lambda t: _one(t, params, run), targets))
+    processes = min(processes_for(len(targets)), max_endpoints)
+    if processes <= 1:
+        return _run_share(targets, params, run, max_endpoints)
+    # Reading and planning is CPU-bound (pyVmomi's SOAP parser): threads of one process contend for one core and
+    # got slower than one thread. One process per core, each with its share of the endpoints (largest first to
+    # the least loaded) and threads for the network waits.
+    shares: List[List[int]] = [[] for _ in range(processes)]
+    load = [0] * processes
+    for i in sorted(range(len(targets)), key=lambda i: -len(targets[i].get("guests") or [])):
+        least = load.index(min(load))
+        shares[least].append(i)
+        load[least] += 1 + len(targets[i].get("guests") or [])
+    threads = max(1, max_endpoints // processes)
+    for uri in {str(t.get("uri") or "") for t in targets}:
+        preload("vsphere" if uri.startswith("vsphere://") else "libvirt")
+    results: List[Dict[str, Any]] = [{} for _ in targets]
+    context = multiprocessing.get_context("fork")
+    # What this process holds (in an Ansible worker: the whole inventory) is moved out of the children's garbage
+    # collection: scanning it would cost each child time and copy its memory pages.
+    gc.freeze()
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+            futures = {pool.submit(_run_share, [targets[i] for i in share], params, run, threads): share
+                       for share in shares if share}
+            for future in concurrent.futures.as_completed(futures):
+                for i, result in zip(futures[future], future.result()):
+                    results[i] = result
+    finally:
+        gc.unfreeze()
+    return results
+
+
+def processes_for(targets: int) -> int:
+    """Worker processes for TARGETS endpoints: one per core this process may run on, at most one per target."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, targets))
+
+
+def _run_share(targets: List[Dict[str, Any]], params: Dict[str, Any], options: RunOptions,
+               threads: int) -> List[Dict[str, Any]]:
+    if threads <= 1 or len(targets) == 1:
+        return [_one(t, params, options) for t in targets]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(targets))) as pool:
+        return list(pool.map(lambda t: _one(t, params, options), targets))
+
+
+def fleet_guests_argument_spec() -> Dict[str, Any]:
+    """The fleet_guests options: the connection options but the uri (each target has its own), the convergence
+    options, the targets."""
+    connection = {k: v for k, v in connection_argument_spec().items() if k != "uri"}
+    return {**connection, **convergence_argument_spec(),
+            "targets": {"type": "list", "elements": "dict"},
+            # The place filter's output: its targets unless targets are given, and the plan is built from it.
+            "placement": {"type": "dict"},
+            "max_endpoints": {"type": "int", "default": 8}}
+
+
+def run_fleet(params: Dict[str, Any], check_mode: bool) -> Dict[str, Any]:
+    """Validated parameters -> the result (changed, targets, restart_required); VirtfleetError on bad input."""
+    check_bounds("max_endpoints", params["max_endpoints"], 256)
+    placement = params.get("placement")
+    targets = params.get("targets")
+    if targets is None:
+        if placement is None:
+            raise ConfigError("targets", None, "give targets, or placement (the place filter's output)")
+        targets = placement.get("targets") or []
+    options = run_options_from_params(dict(params, exclusive=False, allow_empty=True), check_mode)
+    results = converge_targets(targets, params, options, int(params["max_endpoints"]))
+    out = {"changed": any(g.get("changed") for r in results for g in r["guests"]), "targets": results,
+           "restart_required": any(g.get("restart_required") for r in results for g in r["guests"])}
+    if placement is not None:
+        out["plan"] = build_plan(placement, results, {k: params.get(k) for k in OPTIONS})
+    return out
+
+
+def secrets_of(params: Dict[str, Any]) -> List[str]:
+    """What no output may carry: the password and every cloud_init.user_data string of the targets' guests."""
+    found = [params["password"]] if params.get("password") else []
+    for target in (params.get("targets") or []) + list((params.get("placement") or {}).get("targets") or []):
+        for entry in (target.get("guests") or []) if isinstance(target, dict) else []:
+            cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None
+            if isinstance(cloud_init, dict):
+                found.extend(t for t in strings_of(cloud_init.get("user_data")) if len(t) >= 8)
+    return found
 
 
 def run_fleet_module(module: AnsibleModule) -> None:
-    """The fleet_guests module's edge: parameters -> converge_targets -> exit_json/fail_json."""
+    """The fleet_guests module's edge (the action plugin of the same name runs run_fleet on the controller)."""
     invocation = hide_secrets(module)
-    params = module.params
     try:
-        check_bounds("max_endpoints", params["max_endpoints"], 256)
-        options = run_options_from_params(dict(params, exclusive=False, allow_empty=True), module.check_mode)
-        results = converge_targets(params["targets"], params, options, int(params["max_endpoints"]))
+        result = run_fleet(module.params, module.check_mode)
     except VirtfleetError as exc:
         module.fail_json(msg=str(exc), invocation=invocation)
-    changed = any(g.get("changed") for r in results for g in r["guests"])
-    module.exit_json(changed=changed, targets=results, invocation=invocation,
-                     restart_required=any(g.get("restart_required") for r in results for g in r["guests"]))
+    module.exit_json(invocation=invocation, **result)

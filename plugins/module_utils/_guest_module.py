@@ -85,19 +85,19 @@ def mask_user_data(module: AnsibleModule, entries: Any) -> None:
     for entry in entries if isinstance(entries, list) else []:
         cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None
         if isinstance(cloud_init, dict) and cloud_init.get("user_data") is not None:
-            for text in _strings(cloud_init["user_data"]):
+            for text in strings_of(cloud_init["user_data"]):
                 if len(text) >= 8:  # short values (true, a package name) would mask unrelated output
                     module.no_log_values.add(text)
             cloud_init["user_data"] = NO_LOG
 
 
-def _strings(value: Any) -> List[str]:
+def strings_of(value: Any) -> List[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
+        return [s for v in value.values() for s in strings_of(v)]
     if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
+        return [s for v in value for s in strings_of(v)]
     return []
 
 

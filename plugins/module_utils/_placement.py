@@ -25,9 +25,10 @@ from ._fleet import DEFAULT_CPU_RATIO, DEFAULT_MEMORY_RATIO, Fleet, FleetGuest
 LIBVIRT_DEFAULT_POOL = "default"
 
 
-def hypervisor_type(discovered: Optional[str]) -> str:
-    """The fleet's two kinds: ESXi (standalone or under a vCenter) and KVM (libvirt with kvm or qemu)."""
-    return "esxi" if discovered == "esxi" else "kvm"
+def hypervisor_type(discovered: Optional[str]) -> Optional[str]:
+    """The fleet's two kinds: ESXi (standalone or under a vCenter) and KVM (libvirt with kvm or qemu); None for
+    anything else (xen, lxc, libvirt's test driver), which is never given a new guest."""
+    return {"esxi": "esxi", "kvm": "kvm", "qemu": "kvm"}.get(str(discovered))
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class Host:
     """One hypervisor as placement sees it, with the fleet's settings for it applied."""
 
     name: str
-    type: str
+    type: Optional[str]
     uri: str
     memory_mib: int
     threads: int
@@ -60,11 +61,25 @@ class Host:
     default_storage: Optional[str] = None
     existing: List[Existing] = dataclasses.field(default_factory=list)
     in_limit: bool = True
-    # Totals placement keeps while it goes.
+    # Why no new guest goes here (a kind the fleet does not place on, a host its vCenter lost); existing guests
+    # on it stay all the same.
+    unusable: Optional[str] = None
+    # Guests the hypervisor reported (even where the inventory was built without guest facts).
+    reported_guests: int = 0
+    datacenter: Optional[str] = None
+    # Totals placement keeps while it goes. STORAGE_USED is one dict shared by every host: a vSphere datastore is
+    # seen by every host of its vCenter that mounts it, and what one host's new guests take, the others lose.
     vcpus_used: int = 0
     memory_used: int = 0
-    storage_used: Dict[str, float] = dataclasses.field(default_factory=dict)
+    storage_used: Dict[Tuple[str, ...], float] = dataclasses.field(default_factory=dict)
     placed: List[str] = dataclasses.field(default_factory=list)
+
+    def storage_id(self, pool: str) -> Tuple[str, ...]:
+        """A pool's identity: on vSphere a datastore name is unique per datacenter of one endpoint."""
+        return (self.uri, self.datacenter or "", pool) if self.type == "esxi" else (self.uri, self.name, pool)
+
+    def planned_gib(self, pool: str) -> float:
+        return self.storage_used.get(self.storage_id(pool), 0.0)
 
     @property
     def memory_capacity(self) -> float:
@@ -86,7 +101,7 @@ def _get(data: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _default_storage(hv_type: str, free: Dict[str, float]) -> Optional[str]:
+def _default_storage(hv_type: Optional[str], free: Dict[str, float]) -> Optional[str]:
     if not free:
         return None
     if hv_type == "kvm" and LIBVIRT_DEFAULT_POOL in free:
@@ -101,6 +116,7 @@ def build_hosts(fleet: Fleet, hypervisors: Sequence[Dict[str, Any]], guests: Seq
     (later rules override earlier ones; labels add up)."""
     limit_set = None if limit is None else {str(n) for n in limit}
     hosts: Dict[str, Host] = {}
+    shared: Dict[Tuple[str, ...], float] = {}
     for hv in sorted(hypervisors, key=lambda h: str(_get(h, "name", ""))):
         name = str(_get(hv, "name", ""))
         if not name or name in hosts:
@@ -120,7 +136,13 @@ def build_hosts(fleet: Fleet, hypervisors: Sequence[Dict[str, Any]], guests: Seq
         host = Host(name=name, type=kind, uri=str(_get(hv, "endpoint", "")),
                     memory_mib=int(_get(hv, "memory_mib", 0)), threads=int(_get(_get(hv, "cpu", {}), "threads", 0)),
                     storage_free=free, networks={str(n) for n in _get(hv, "networks", [])}, placement=placement,
-                    in_limit=limit_set is None or name in limit_set)
+                    in_limit=limit_set is None or name in limit_set, datacenter=_get(hv, "datacenter"),
+                    reported_guests=int(_get(_get(hv, "guests", {}), "total", 0)), storage_used=shared)
+        state = _get(hv, "connection_state")
+        if kind is None:
+            host.unusable = f"type {_get(hv, 'type')!r} is not one the fleet places guests on"
+        elif state not in (None, "connected"):
+            host.unusable = f"connection state {state!r}"
         for rule in fleet.hypervisors:
             if not rule.matches(name, kind, cluster):
                 continue
@@ -191,6 +213,8 @@ def _storage_need(guest: FleetGuest, host: Host) -> Tuple[Optional[str], Dict[st
 
 def _why_not(guest: FleetGuest, host: Host, groups: Dict[str, Set[str]]) -> Optional[str]:
     """The first filter HOST fails for a new GUEST (None: it fits)."""
+    if host.unusable:
+        return host.unusable
     if guest.hypervisor_type and guest.hypervisor_type != host.type:
         return f"type is not {guest.hypervisor_type}"
     if guest.pin and guest.pin != host.name:
@@ -205,7 +229,7 @@ def _why_not(guest: FleetGuest, host: Host, groups: Dict[str, Set[str]]) -> Opti
     if why:
         return why
     for pool, gib in need.items():
-        if host.storage_used.get(pool, 0.0) + gib > host.storage_free.get(pool, 0.0):
+        if host.planned_gib(pool) + gib > host.storage_free.get(pool, 0.0):
             return f"storage {pool!r} full"
     if host.memory_used + guest.memory_mib > host.memory_capacity:
         return "memory full"
@@ -232,6 +256,27 @@ def _options_for(guest: FleetGuest, host: Host, existing: bool) -> Dict[str, Any
             disks.append(disk)
         options["disks"] = disks
     return options
+
+
+def _maybe_on(guest: FleetGuest, lost: Sequence[Dict[str, Any]]) -> List[str]:
+    """The unreachable hypervisors GUEST may be running on. Its pin and labels do not narrow this: a guest is never
+    moved to follow its pin, so it may run anywhere of its type."""
+    return [u["name"] for u in lost if not guest.hypervisor_type or u["type"] in (None, guest.hypervisor_type)]
+
+
+def _count_growth(guest: FleetGuest, host: Host, notes: List[Dict[str, str]]) -> None:
+    """An existing guest declared larger than it runs: the growth counts against its host before any new guest
+    is placed there, and a host it would overfill is named in the notes (the update itself is not held back)."""
+    current = next(e for e in host.existing if e.name == guest.name)
+    if guest.spec.state == "absent":
+        return
+    if guest.spec.memory_mib and guest.spec.memory_mib > current.memory_mib:
+        host.memory_used += guest.spec.memory_mib - current.memory_mib
+    if guest.spec.vcpus and guest.spec.vcpus > current.vcpus:
+        host.vcpus_used += guest.spec.vcpus - current.vcpus
+    if host.memory_used > host.memory_capacity or host.vcpus_used > host.vcpu_capacity:
+        notes.append({"name": guest.name, "note": f"after its update {host.name} is over its memory or vCPU "
+                                                  "capacity; no new guest is placed there"})
 
 
 def _summary(reasons: Dict[str, str]) -> str:
@@ -283,9 +328,14 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
                                                           "a guest is never moved"})
             placed.append(Placed(guest, host, True, _options_for(guest, host, True)))
             host.placed.append(guest.name)
+            _count_growth(guest, host, notes)
             if guest.anti_affinity:
                 groups.setdefault(guest.anti_affinity, set()).add(host.name)
-        elif guest.spec.state != "absent":
+        elif guest.spec.state == "absent":
+            # It may be on an unreachable hypervisor: reported there, not called gone.
+            for name in _maybe_on(guest, lost):
+                unreachable_guests[name].append(guest.name)
+        else:
             new.append(guest)
 
     # 2. New guests, largest first (first-fit decreasing packs better), ties by name.
@@ -293,8 +343,7 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
         if guest.pin and guest.pin not in by_name and guest.pin not in lost_names:
             unplaceable.append({"name": guest.name, "reason": f"pin: no hypervisor named {guest.pin!r}"})
             continue
-        maybe_there = [u["name"] for u in lost if (not guest.pin or guest.pin == u["name"])
-                       and (not guest.hypervisor_type or u["type"] in (None, guest.hypervisor_type))]
+        maybe_there = _maybe_on(guest, lost)
         if maybe_there:
             for name in maybe_there:
                 unreachable_guests[name].append(guest.name)
@@ -317,7 +366,8 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
                                             len(h.placed) + len(h.existing), h.name))
         need = _storage_need(guest, host)[1]
         for pool, gib in need.items():
-            host.storage_used[pool] = host.storage_used.get(pool, 0.0) + gib
+            key = host.storage_id(pool)
+            host.storage_used[key] = host.storage_used.get(key, 0.0) + gib
         host.memory_used += guest.memory_mib
         host.vcpus_used += guest.vcpus
         host.placed.append(guest.name)

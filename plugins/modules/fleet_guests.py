@@ -14,6 +14,9 @@ description:
     connection, one bulk read and every guest planned before anything on that hypervisor is changed.
   - A target whose plan fails (a guest that is invalid for that hypervisor, an endpoint that is down) changes
     nothing there and is reported in its result; the other targets go on.
+  - Runs on the controller (an action plugin of the same name does the work there, without shipping a module):
+    the controller is what reaches the hypervisors. This module file runs the same code where an action plugin
+    cannot be used.
   - The playbooks C(virtfleet.core.plan), C(virtfleet.core.apply) and C(virtfleet.core.drift) and the role
     C(virtfleet.core.fleet) call this once per run.
 author:
@@ -28,12 +31,17 @@ options:
     description:
       - One entry per hypervisor - C(hypervisor) (its inventory name), C(uri), C(placement) (the options of the
         virtfleet.core.placement fragment - datacenter, cluster, esxi_host, datastore, folder, resource_pool,
-        domain_type), C(guests) (entries as for M(virtfleet.core.guests)) and C(exclusive).
+        domain_type), C(guests) (entries as for M(virtfleet.core.guests)), C(exclusive) and C(keep).
       - With C(exclusive), guests of O(owner) on that hypervisor that are not listed are removed (the fleet's
-        C(prune)).
+        C(prune)), except those named in C(keep) (the fleet's other guests, wherever they are).
+      - Without it, the C(targets) of O(placement).
     type: list
     elements: dict
-    required: true
+  placement:
+    description:
+      - The P(virtfleet.core.place#filter) filter's output. Its C(targets) are converged unless O(targets) is given,
+        and the result holds C(plan), the plan (plan.json) built from it and the targets' results.
+    type: dict
   username:
     description: User for every vSphere target. Falls back to E(VMWARE_USER).
     type: str
@@ -58,9 +66,12 @@ options:
     type: float
     default: 10
   max_endpoints:
-    description: Targets converged at the same time.
+    description:
+      - Targets converged at the same time. They are shared among one worker process per CPU core (reading and
+        planning is CPU-bound, and threads of one Python process share one core), each with threads for the
+        network waits.
     type: int
-    default: 16
+    default: 8
 attributes:
   check_mode:
     support: full
@@ -76,15 +87,19 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Plan a placed fleet (check mode) and keep the per-hypervisor results
+- name: Plan a placed fleet (check mode); fleet_planned.plan is plan.json
   virtfleet.core.fleet_guests:
-    targets: "{{ fleet_placement.targets }}"
+    placement: "{{ fleet_placement }}"
     owner: "{{ fleet_placement.fleet }}"
   check_mode: true
   register: fleet_planned
 """
 
 RETURN = r"""
+plan:
+  description: The plan (see docs/fleet.md, plan.json), when O(placement) is given.
+  returned: when placement is given
+  type: dict
 targets:
   description: One result per target, in the order given.
   returned: always
@@ -112,18 +127,14 @@ targets:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
-    connection_argument_spec,
-    convergence_argument_spec,
+from ansible_collections.virtfleet.core.plugins.module_utils._fleet_run import (
+    fleet_guests_argument_spec,
+    run_fleet_module,
 )
-from ansible_collections.virtfleet.core.plugins.module_utils._fleet_run import run_fleet_module
 
 
 def main() -> None:
-    connection = {k: v for k, v in connection_argument_spec().items() if k != "uri"}
-    spec = {**connection, **convergence_argument_spec(),
-            "targets": {"type": "list", "elements": "dict", "required": True},
-            "max_endpoints": {"type": "int", "default": 16}}
+    spec = fleet_guests_argument_spec()
     # no_log: the targets hold the guests' cloud-init documents; results mask them (see run_fleet_module).
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True, no_log=True)
     run_fleet_module(module)

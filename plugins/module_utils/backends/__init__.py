@@ -39,6 +39,13 @@ REGISTRY: Dict[str, Callable[[], Type[HypervisorBackend]]] = {
 }
 
 
+def preload(api: str) -> None:
+    """Load the backend of API and what it imports on first use (see HypervisorBackend.preload)."""
+    load = REGISTRY.get(api)
+    if load is not None:
+        load().preload()
+
+
 def backend_for(endpoint: Endpoint, timeout: float = 10.0) -> HypervisorBackend:
     """A backend instance for the endpoint (not yet connected)."""
     try:

@@ -28,6 +28,11 @@ class HypervisorBackend(abc.ABC):
         self.timeout = timeout
         self.calls = 0
 
+    @classmethod
+    def preload(cls) -> None:
+        """Import what the backend imports on first use, before a process forks workers that all need it."""
+        return None
+
     @abc.abstractmethod
     def identify(self) -> Identity:
         """What the endpoint is, without credentials where the protocol allows it."""

@@ -42,6 +42,7 @@ from .configspec import create_build, update_build
 from .discovery import _SERIAL_KEYS, VM_PROPS, VM_STATE_PROPS
 from .placement import Inventory, _Snapshot, _Target
 from .session import HAS_PYVMOMI, PAGE_SIZE, Connection, fail, ssl_context
+from .session import preload as preload_pyvmomi
 
 __all__ = ["HAS_PYVMOMI", "PAGE_SIZE", "VM_CHUNKS", "VM_CHUNK_MIN", "_SERIAL_KEYS", "VsphereBackend", "_Snapshot",
            "_Target"]
@@ -55,6 +56,10 @@ class VsphereBackend(GuestBackend):
     api = "vsphere"
     defaults = BackendDefaults(disk_format="thin", disk_bus="scsi", nic_model="vmxnet3", mac_prefix="00:50:56",
                                stages_restart_changes=False, hotplug_buses=("scsi", "sata", "nvme"))
+
+    @classmethod
+    def preload(cls) -> None:
+        preload_pyvmomi()
 
     def __init__(self, endpoint: Endpoint, timeout: float = 10.0) -> None:
         super().__init__(endpoint, timeout)

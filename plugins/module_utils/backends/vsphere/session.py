@@ -37,6 +37,21 @@ class _PyVmomi:
 vim: Any = _PyVmomi("vim")
 vmodl: Any = _PyVmomi("vmodl")
 
+
+def preload() -> None:
+    """pyVmomi and the types every read of a guest meets, loaded now (pyVmomi builds each type on first use):
+    worker processes forked afterwards share them instead of each building them again."""
+    if not HAS_PYVMOMI:
+        return
+    for name in ("vim.ServiceInstance", "vim.VirtualMachine", "vim.HostSystem", "vim.Datastore", "vim.Network",
+                 "vim.Folder", "vim.Datacenter", "vim.ClusterComputeResource", "vim.ResourcePool", "vim.vm.ConfigInfo",
+                 "vim.vm.device.VirtualDisk", "vim.vm.device.VirtualEthernetCard", "vim.vm.RuntimeInfo",
+                 "vim.option.OptionValue", "vim.view.ContainerView", "vmodl.query.PropertyCollector.ObjectSpec"):
+        space, *path = name.split(".")
+        obj: Any = vim if space == "vim" else vmodl
+        for part in path:
+            obj = getattr(obj, part)
+
 PAGE_SIZE = 1000
 # The clock and sleep of task waits (tests replace them with a fake clock).
 _monotonic = time.monotonic

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -140,8 +141,9 @@ def test_unreachable_hypervisor_blocks_new_guests_that_could_be_there() -> None:
     data = placement_data(fleet([guest("a"), guest("b", hypervisor_type="kvm"), guest("c", pin="h1")]),
                           [hv("h1")], [], [{"inventory_hostname": "esx9", "virtfleet_endpoint": {"api": "vsphere"}}],
                           None)
-    assert data["unreachable"] == [{"hypervisor": "esx9", "guests": ["a"]}]
-    assert set(placed(data)) == {"b", "c"}
+    # c is pinned to h1, but a guest is never moved to follow its pin: it may be running on esx9.
+    assert data["unreachable"] == [{"hypervisor": "esx9", "guests": ["a", "c"]}]
+    assert set(placed(data)) == {"b"}
 
 
 def test_limit_makes_pending_never_elsewhere() -> None:
@@ -274,3 +276,83 @@ def test_remove_is_delete_and_failed_target_is_an_error() -> None:
     assert plan["errors"] == [{"hypervisor": "h1", "msg": "guest 'a' disks[0]...: bad", "guests": ["a"]}]
     assert plan["guests"] == [{"name": "old", "hypervisor": "h2", "action": "delete", "changes": [],
                                "restart_required": False}]
+
+
+# ------------------------------------------------------------------------------------------ review findings
+
+def test_prune_keeps_every_declared_guest_wherever_it_is() -> None:
+    """A declared guest on two hypervisors is not placed, and prune must not delete either copy."""
+    guests = [{"name": "a", "hypervisor": h, "owner": "team-a"} for h in ("h1", "h2")]
+    data = placement_data(fleet([guest("a"), guest("gone", state="absent")], prune=True), [hv("h1"), hv("h2")],
+                          guests, [], None)
+    assert data["unplaceable"][0]["name"] == "a"
+    assert all(t["keep"] == ["a"] and t["exclusive"] for t in data["targets"])
+
+
+def test_growth_of_existing_guests_counts_before_new_guests() -> None:
+    running = [{"name": "a", "hypervisor": "h1", "memory_mib": 1024, "vcpus": 1, "owner": "team-a"}]
+    data = placement_data(fleet([guest("a", memory=7000), guest("b", memory=4096)]), [hv("h1", memory=8192)],
+                          running, [], None)
+    assert placed(data) == {"a": "h1"} and "memory full" in data["unplaceable"][0]["reason"]
+
+
+def test_shared_datastore_counted_once_for_its_hosts() -> None:
+    hosts = [hv(f"e{i}", "esxi", storage={"shared": 100.0}, manager="vc", datacenter="DC0", endpoint="vsphere://vc")
+             for i in range(3)]
+    data = placement_data(fleet([guest(f"g{i}", disks=[{"name": "root", "size_gib": 80}]) for i in range(3)]),
+                          hosts, [], [], None)
+    assert len(data["placed"]) == 1 and len(data["unplaceable"]) == 2
+
+
+def test_hosts_of_other_kinds_or_disconnected_get_no_new_guest() -> None:
+    data = placement_data(fleet([guest("a")]), [hv("x", "xen"), hv("e", "esxi", connection_state="disconnected")],
+                          [], [], None)
+    reason = data["unplaceable"][0]["reason"]
+    assert "type 'xen'" in reason and "connection state 'disconnected'" in reason
+
+
+def test_inventory_without_guest_facts_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        placement_data(fleet([guest("a")]), [hv("h1", guests={"total": 3})], [], [], None)
+    assert "guests: true" in str(err.value)
+
+
+def test_absent_guest_that_may_be_on_an_unreachable_host_is_reported() -> None:
+    data = placement_data(fleet([guest("a", state="absent")]), [hv("h1")], [],
+                          [{"inventory_hostname": "kvm9", "virtfleet_endpoint": {"api": "libvirt"}}], None)
+    assert data["unreachable"] == [{"hypervisor": "kvm9", "guests": ["a"]}] and data["absent"] == []
+    plan = build_plan(data, [])
+    assert "kvm9: unreachable, not checked (may hold a)" in drift_of(plan)
+
+
+def test_digest_covers_options_and_where_a_guest_is_created() -> None:
+    data = placement_data(fleet([guest("a")]), [hv("h1")], [], [], None)
+    converged = _converged("create")
+    converged[0]["guests"][0]["guest"] = {"name": "a"}
+    plain = build_plan(data, converged, {"remove_storage": False})
+    assert plain["guests"][0]["placement"] == {"datastore": "default"}
+    assert build_plan(data, converged, {"remove_storage": True})["digest"] != plain["digest"]
+    other = copy.deepcopy(data)
+    other["targets"][0]["placement"]["domain_type"] = "qemu"
+    assert build_plan(other, converged, {"remove_storage": False})["digest"] != plain["digest"]
+
+
+def test_no_log_option_error_names_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        fleet_from_dict(fleet([guest("a", cloud_init="x")]))
+    assert "cloud_init" in str(err.value)
+
+
+def test_plan_md_escapes_what_hypervisors_say() -> None:
+    from ansible_collections.virtfleet.core.plugins.action.fleet_report import render
+
+    data = placement_data(fleet([guest("a", pin="nope")]), [hv("h1")], [], [], None)
+    plan = build_plan(data, [{"hypervisor": "h1", "failed": True, "guests": [], "planned": [],
+                              "msg": "known: <img src=x> `code` [link](y) @team | cell"}])
+    files = render(plan, "Plan")
+    md, page = files["plan.md"], files["report.html"]
+    for raw in ("<img", "`code`", "[link]", "@team", "| cell"):
+        assert raw not in md
+    assert "<img" not in page
+    assert "&lt;img src=x&gt;" in md and "&lt;img src=x&gt;" in page
+    assert json.loads(files["plan.json"])["digest"] == plan["digest"]

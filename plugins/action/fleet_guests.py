@@ -1,0 +1,44 @@
+# Copyright: virtfleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""fleet_guests on the controller: the same run_fleet as the module, without shipping a module, starting a Python
+and moving the targets and results through JSON (for a 500-guest fleet about 1.5 s of a run)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from ansible.module_utils.common.parameters import remove_values
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError, one_line
+from ansible_collections.virtfleet.core.plugins.module_utils._fleet_run import (
+    fleet_guests_argument_spec,
+    run_fleet,
+    secrets_of,
+)
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+
+    def run(self, tmp: Optional[str] = None, task_vars: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        result = super().run(tmp, task_vars)
+        # Plain data (Ansible's tagged strings cost time in validation and in pickling to the worker processes).
+        args = json.loads(json.dumps(dict(self._task.args)))
+        validated = ArgumentSpecValidator(fleet_guests_argument_spec()).validate(args)
+        params = validated.validated_parameters
+        hidden = set(validated._no_log_values) | set(secrets_of(params))
+        if validated.error_messages:
+            # Messages name options, never values; masked all the same.
+            return dict(result, failed=True, msg=remove_values(validated.error_messages[0], hidden))
+        try:
+            outcome = run_fleet(params, bool(self._task.check_mode))
+        except VirtfleetError as exc:
+            return dict(result, failed=True, msg=remove_values(str(exc), hidden))
+        except Exception as exc:  # noqa: BLE001 - one line, as the module would fail
+            return dict(result, failed=True, msg=remove_values(f"unexpected {type(exc).__name__}: {one_line(exc)}",
+                                                               hidden))
+        result.update(remove_values(outcome, hidden))
+        return result
