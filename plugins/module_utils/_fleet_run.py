@@ -11,7 +11,7 @@ import dataclasses
 import gc
 import multiprocessing
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -19,12 +19,46 @@ from ._argspec import connection_argument_spec, convergence_argument_spec, endpo
 from ._converge import RunOptions, converge
 from ._endpoints import check_bounds
 from ._errors import ConfigError, VirtfleetError, one_line
+from ._fleet import fleet_from_dict
 from ._fleet_plan import OPTIONS, build_plan
 from ._guest_module import hide_secrets, run_options_from_params, specs_from_entries, strings_of
 from ._model import Placement
+from ._placement import USER_DATA_MARK
 from .backends import guest_backend_for, preload
 
 TARGET_KEYS = ("hypervisor", "uri", "placement", "guests", "exclusive", "keep")
+
+
+def user_data_of(fleet_file: Optional[str]) -> Dict[str, Any]:
+    """Guest name -> its cloud_init.user_data, read from the fleet file (placement leaves it there)."""
+    if not fleet_file:
+        return {}
+    try:  # PyYAML comes with ansible-core, on the controller where this runs; imported here, when needed
+        import yaml
+    except ImportError:
+        raise ConfigError("fleet_file", fleet_file, "needs PyYAML to be read") from None
+    try:
+        with open(fleet_file, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as exc:  # pylint: disable=no-member
+        raise ConfigError("fleet_file", fleet_file, f"cannot be read: {one_line(exc)}") from None
+    return {g.name: g.options["cloud_init"]["user_data"] for g in fleet_from_dict(raw).guests
+            if (g.options.get("cloud_init") or {}).get("user_data") is not None}
+
+
+def with_user_data(entries: List[Any], user_data: Dict[str, Any], label: str) -> List[Any]:
+    """ENTRIES with the user_data placement left in the fleet file put back (entries that carry USER_DATA_MARK)."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get(USER_DATA_MARK):
+            name = entry.get("name")
+            if name not in user_data:
+                raise ConfigError(f"{label} guest {name!r}", "...", "its cloud_init.user_data is in the fleet file: "
+                                                                    "give fleet_file (the file placement read)")
+            entry = {k: v for k, v in entry.items() if k != USER_DATA_MARK}
+            entry["cloud_init"] = dict(entry.get("cloud_init") or {}, user_data=user_data[name])
+        out.append(entry)
+    return out
 PLACEMENT_KEYS = ("datacenter", "cluster", "esxi_host", "datastore", "folder", "resource_pool", "domain_type")
 
 
@@ -39,7 +73,8 @@ def _placement(target: Dict[str, Any], label: str) -> Placement:
                      domain_type=raw.get("domain_type"))
 
 
-def _one(target: Dict[str, Any], params: Dict[str, Any], options: RunOptions) -> Dict[str, Any]:
+def _one(target: Dict[str, Any], params: Dict[str, Any], options: RunOptions,
+         user_data: Dict[str, Any]) -> Dict[str, Any]:
     name = str(target.get("hypervisor"))
     planned = [{"name": g.get("name")} for g in target.get("guests") or [] if isinstance(g, dict)]
     out: Dict[str, Any] = {"hypervisor": name, "uri": target.get("uri"), "failed": False, "msg": None,
@@ -49,7 +84,7 @@ def _one(target: Dict[str, Any], params: Dict[str, Any], options: RunOptions) ->
         unknown = sorted(set(target) - set(TARGET_KEYS))
         if unknown:
             raise ConfigError(f"{label}.{unknown[0]}", "...", f"unknown key; expected one of {', '.join(TARGET_KEYS)}")
-        specs = specs_from_entries(target.get("guests") or [])
+        specs = specs_from_entries(with_user_data(target.get("guests") or [], user_data, label))
         placement = _placement(target, label)
         endpoint = endpoint_from_params(dict(params, uri=target.get("uri")))
         keep = target.get("keep") or []
@@ -89,8 +124,9 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     per_endpoint = max(1, min(options.max_workers, 32 // min(len(targets), max_endpoints)))
     run = dataclasses.replace(options, max_workers=per_endpoint)
     processes = min(processes_for(len(targets)), max_endpoints)
+    user_data = user_data_of(params.get("fleet_file"))
     if processes <= 1:
-        return _run_share(targets, params, run, max_endpoints)
+        return _run_share(targets, params, run, max_endpoints, user_data)
     # Reading and planning is CPU-bound (pyVmomi's SOAP parser): threads of one process contend for one core and
     # got slower than one thread. One process per core, each with its share of the endpoints (largest first to
     # the least loaded) and threads for the network waits.
@@ -110,7 +146,7 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     gc.freeze()
     try:
         with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-            futures = {pool.submit(_run_share, [targets[i] for i in share], params, run, threads): share
+            futures = {pool.submit(_run_share, [targets[i] for i in share], params, run, threads, user_data): share
                        for share in shares if share}
             for future in concurrent.futures.as_completed(futures):
                 for i, result in zip(futures[future], future.result()):
@@ -130,11 +166,11 @@ def processes_for(targets: int) -> int:
 
 
 def _run_share(targets: List[Dict[str, Any]], params: Dict[str, Any], options: RunOptions,
-               threads: int) -> List[Dict[str, Any]]:
+               threads: int, user_data: Dict[str, Any]) -> List[Dict[str, Any]]:
     if threads <= 1 or len(targets) == 1:
-        return [_one(t, params, options) for t in targets]
+        return [_one(t, params, options, user_data) for t in targets]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(targets))) as pool:
-        return list(pool.map(lambda t: _one(t, params, options), targets))
+        return list(pool.map(lambda t: _one(t, params, options, user_data), targets))
 
 
 def fleet_guests_argument_spec() -> Dict[str, Any]:
@@ -145,6 +181,8 @@ def fleet_guests_argument_spec() -> Dict[str, Any]:
             "targets": {"type": "list", "elements": "dict"},
             # The place filter's output: its targets unless targets are given, and the plan is built from it.
             "placement": {"type": "dict"},
+            # The fleet file placement read: the guests' cloud_init.user_data stays there until this reads it.
+            "fleet_file": {"type": "path"},
             "max_endpoints": {"type": "int", "default": 8}}
 
 
@@ -167,8 +205,13 @@ def run_fleet(params: Dict[str, Any], check_mode: bool) -> Dict[str, Any]:
 
 
 def secrets_of(params: Dict[str, Any]) -> List[str]:
-    """What no output may carry: the password and every cloud_init.user_data string of the targets' guests."""
+    """What no output may carry: the password and every cloud_init.user_data string of the targets' guests and of
+    the fleet file."""
     found = [params["password"]] if params.get("password") else []
+    try:
+        found.extend(t for v in user_data_of(params.get("fleet_file")).values() for t in strings_of(v) if len(t) >= 8)
+    except ConfigError:
+        pass  # reported by the run itself
     for target in (params.get("targets") or []) + list((params.get("placement") or {}).get("targets") or []):
         for entry in (target.get("guests") or []) if isinstance(target, dict) else []:
             cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None

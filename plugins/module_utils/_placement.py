@@ -240,8 +240,17 @@ def _why_not(guest: FleetGuest, host: Host, groups: Dict[str, Set[str]]) -> Opti
     return None
 
 
+# Marks a guest whose cloud_init.user_data stays in the fleet file: placement output (facts, events, plans) never
+# holds it; fleet_guests reads it from the fleet file just before converging.
+USER_DATA_MARK = "fleet_user_data"
+
+
 def _options_for(guest: FleetGuest, host: Host, existing: bool) -> Dict[str, Any]:
     options = dict(guest.options)
+    cloud_init = options.get("cloud_init")
+    if isinstance(cloud_init, dict) and cloud_init.get("user_data") is not None:
+        options["cloud_init"] = {k: v for k, v in cloud_init.items() if k != "user_data"}
+        options[USER_DATA_MARK] = True
     if options.get("nics"):
         options["nics"] = [dict(nic, network=_real_network(host, nic["network"]) or nic["network"])
                            for nic in options["nics"]]

@@ -42,6 +42,11 @@ options:
       - The P(virtfleet.core.place#filter) filter's output. Its C(targets) are converged unless O(targets) is given,
         and the result holds C(plan), the plan (plan.json) built from it and the targets' results.
     type: dict
+  fleet_file:
+    description:
+      - The fleet file placement read. Placement leaves the guests' C(cloud_init.user_data) in it (so no fact, event
+        or plan holds it) and marks those guests; their user_data is read from here just before converging.
+    type: path
   username:
     description: User for every vSphere target. Falls back to E(VMWARE_USER).
     type: str

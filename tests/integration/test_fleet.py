@@ -47,7 +47,7 @@ def fleet_file(ctx: Dict[str, Any], guests: List[Dict[str, Any]], **extra: Any) 
             {"type": "kvm", "networks": {"prod": lab["libvirt"]["network"]}, "domain_type": lab["domain_type"],
              "cpu_ratio": 16,
              "storage": {"fast": lab["libvirt"]["pool"]}},
-            {"type": "esxi", "networks": {"prod": "VM Network"}},
+            {"type": "esxi", "networks": {"prod": "VM Network"}, "cpu_ratio": 16},
         ],
         "guests": guests, **extra}))
     return path
@@ -269,3 +269,20 @@ def test_report_in_headless_chromium(fleet_ctx: Dict[str, Any]) -> None:
     images = REPO / ".build" / "screenshots"
     images.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, images / "fleet-report.png")
+
+
+def test_user_data_never_in_output_or_files(fleet_ctx: Dict[str, Any], libvirt_conn: Any) -> None:
+    """A guest's cloud_init.user_data (often a password) is in no line of a -vvv apply, no file the run writes,
+    and yet the guest is made with it (its seed digest is the one of that user_data)."""
+    ctx, p = fleet_ctx, fleet_ctx["prefix"]
+    secret = "vf-" + str(7919 * 613) + "-sentinel"
+    guests = [{"name": f"{p}-seeded", "hypervisor_type": "kvm",
+               "cloud_init": {"user_data": f"#cloud-config\npassword: {secret}\n", "meta_data": "instance-id: x\n"}}]
+    out = ctx["dir"] / "out"
+    proc = playbook(ctx, "apply", fleet_file(ctx, guests), out, "-vvv")
+    assert secret not in proc.stdout + proc.stderr
+    for path in out.iterdir():
+        assert secret not in path.read_text(), path.name
+    libvirt_conn.lookupByName(f"{p}-seeded")
+    again = playbook(ctx, "plan", fleet_file(ctx, guests), out)
+    assert actions(read_plan(out)) == {f"{p}-seeded": "none"}, again.stdout[-1500:]

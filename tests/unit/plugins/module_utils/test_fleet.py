@@ -72,10 +72,28 @@ def test_defaults_merge_and_guest_wins() -> None:
     assert (b.spec.memory_mib, b.spec.vcpus, b.spec.tags) == (512, 2, {"team": "a"})
 
 
-def test_user_data_secret_not_in_error() -> None:
+def test_user_data_stays_in_the_fleet_file(tmp_path: Any) -> None:
+    """Placement output (a fact, an AWX event, the plan) never holds user_data; fleet_guests puts it back from the
+    fleet file just before converging, and without the file it refuses the marked guest."""
+    from ansible_collections.virtfleet.core.plugins.module_utils._fleet_run import (
+        secrets_of,
+        user_data_of,
+        with_user_data,
+    )
+
+    raw = fleet([guest("a", cloud_init={"user_data": "#cloud-config\npassword: hunter2-secret"})])
+    data = placement_data(raw, [hv("h1")], [], [], None)
+    assert "hunter2-secret" not in json.dumps(data)
+    entry = data["targets"][0]["guests"][0]
+    assert entry["fleet_user_data"] is True and "user_data" not in entry.get("cloud_init", {})
+    path = tmp_path / "fleet.yml"
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    restored = with_user_data([entry], user_data_of(str(path)), "targets[h1]")[0]
+    assert restored["cloud_init"]["user_data"].endswith("hunter2-secret") and "fleet_user_data" not in restored
+    assert any("hunter2-secret" in s for s in secrets_of({"fleet_file": str(path), "targets": []}))
     with pytest.raises(ConfigError) as err:
-        fleet_from_dict(fleet([guest("a", cloud_init={"user_data": "hunter2-secret"}, colour=1)]))
-    assert "hunter2-secret" not in str(err.value)
+        with_user_data([entry], {}, "targets[h1]")
+    assert "give fleet_file" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------ placement
