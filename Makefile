@@ -13,12 +13,12 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.build
 export ANSIBLE_PYTHON_INTERPRETER := $(CURDIR)/$(BIN)/python
 export ANSIBLE_NOCOLOR := 1
 
-.PHONY: help deps demo test lint sanity unit oldest integration lab-up lab-down lab-status collection build bench-discovery bench-converge
+.PHONY: help deps demo test lint sanity unit oldest integration lab-up lab-down lab-status collection build bench-discovery bench-converge bench-fleet
 
 help:
 	@echo "make demo   - install what is missing, bring the lab up, run the main job on it"
 	@echo "make test   - install what is missing and run every check (lint, sanity, unit, integration)"
-	@echo "make lab-up | lab-down | lab-status | bench-discovery | bench-converge | build"
+	@echo "make lab-up | lab-down | lab-status | bench-discovery | bench-converge | bench-fleet | build"
 
 # ------------------------------------------------------------------------------------------- setup
 .lab/.apt-done: bindep.txt tests/lab/install-deps.sh
@@ -105,3 +105,6 @@ bench-discovery: collection lab-up
 
 bench-converge: collection lab-up
 	$(BIN)/python tests/bench/bench_converge.py
+
+bench-fleet: collection lab-up
+	$(BIN)/python tests/bench/bench_fleet.py

@@ -73,27 +73,34 @@ def _placement(target: Dict[str, Any], label: str) -> Placement:
                      domain_type=raw.get("domain_type"))
 
 
-def _one(target: Dict[str, Any], params: Dict[str, Any], options: RunOptions,
-         user_data: Dict[str, Any]) -> Dict[str, Any]:
-    name = str(target.get("hypervisor"))
+Group = List[Dict[str, Any]]
+
+
+def _check_target(target: Dict[str, Any], label: str) -> None:
+    unknown = sorted(set(target) - set(TARGET_KEYS))
+    if unknown:
+        raise ConfigError(f"{label}.{unknown[0]}", "...", f"unknown key; expected one of {', '.join(TARGET_KEYS)}")
+    keep = target.get("keep") or []
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        raise ConfigError(f"{label}.keep", "...", "must be a list of guest names")
+
+
+def _result(target: Dict[str, Any]) -> Dict[str, Any]:
     planned = [{"name": g.get("name")} for g in target.get("guests") or [] if isinstance(g, dict)]
-    out: Dict[str, Any] = {"hypervisor": name, "uri": target.get("uri"), "failed": False, "msg": None,
-                           "guests": [], "planned": planned}
+    return {"hypervisor": str(target.get("hypervisor")), "uri": target.get("uri"), "failed": False, "msg": None,
+            "guests": [], "planned": planned}
+
+
+def _one(target: Dict[str, Any], backend: Any, options: RunOptions, user_data: Dict[str, Any]) -> Dict[str, Any]:
+    """One target on BACKEND (its endpoint's, shared with the endpoint's other targets)."""
+    out = _result(target)
+    label = f"targets[{out['hypervisor']}]"
     try:
-        label = f"targets[{name}]"
-        unknown = sorted(set(target) - set(TARGET_KEYS))
-        if unknown:
-            raise ConfigError(f"{label}.{unknown[0]}", "...", f"unknown key; expected one of {', '.join(TARGET_KEYS)}")
+        _check_target(target, label)
         specs = specs_from_entries(with_user_data(target.get("guests") or [], user_data, label))
-        placement = _placement(target, label)
-        endpoint = endpoint_from_params(dict(params, uri=target.get("uri")))
-        keep = target.get("keep") or []
-        if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
-            raise ConfigError(f"{label}.keep", "...", "must be a list of guest names")
         run = dataclasses.replace(options, exclusive=bool(target.get("exclusive")), allow_empty=True,
-                                  keep=tuple(keep))
-        with guest_backend_for(endpoint, params["timeout"]) as backend:
-            results = converge(backend, specs, placement, run)
+                                  keep=tuple(target.get("keep") or []))
+        results = converge(backend, specs, _placement(target, label), run)
     except VirtfleetError as exc:
         out.update(failed=True, msg=str(exc))
         return out
@@ -107,12 +114,28 @@ def _one(target: Dict[str, Any], params: Dict[str, Any], options: RunOptions,
     return out
 
 
+def _endpoint(group: Group, params: Dict[str, Any], options: RunOptions,
+              user_data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every target of one endpoint, one after the other on one backend: one login, and on a vCenter one read of
+    its inventory for all of its hosts (each host its own target) instead of one per host."""
+    try:
+        endpoint = endpoint_from_params(dict(params, uri=group[0].get("uri")))
+        with guest_backend_for(endpoint, params["timeout"]) as backend:
+            return [_one(target, backend, options, user_data) for target in group]
+    except VirtfleetError as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one endpoint's library error never stops the others
+        error = f"unexpected {type(exc).__name__}: {one_line(exc)}"
+    return [dict(_result(target), failed=True, msg=error) for target in group]
+
+
 def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], options: RunOptions,
                      max_endpoints: int) -> List[Dict[str, Any]]:
     """Every target converged (in check mode: planned), endpoints in parallel; results in the targets' order."""
     if not targets:
         return []
     seen: Dict[str, int] = {}
+    by_uri: Dict[str, List[int]] = {}
     for i, target in enumerate(targets):
         if not isinstance(target, dict):
             raise ConfigError(f"targets[{i}]", target, "must be a dict")
@@ -120,57 +143,71 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
         if name in seen:
             raise ConfigError(f"targets[{i}].hypervisor", name, f"listed twice (also targets[{seen[name]}])")
         seen[name] = i
+        by_uri.setdefault(str(target.get("uri") or ""), []).append(i)
+    groups = list(by_uri.values())
     # Guests of one endpoint are applied by that endpoint's own pool: keep the total number of threads bounded.
-    per_endpoint = max(1, min(options.max_workers, 32 // min(len(targets), max_endpoints)))
+    per_endpoint = max(1, min(options.max_workers, 32 // min(len(groups), max_endpoints)))
     run = dataclasses.replace(options, max_workers=per_endpoint)
-    processes = min(processes_for(len(targets)), max_endpoints)
+    processes = min(processes_for(len(groups)), max_endpoints)
     user_data = user_data_of(params.get("fleet_file"))
-    if processes <= 1:
-        return _run_share(targets, params, run, max_endpoints, user_data)
+    results: List[Dict[str, Any]] = [{} for _ in targets]
+
+    def weight(group: List[int]) -> int:
+        return sum(1 + len(targets[i].get("guests") or []) for i in group)
+
     # Reading and planning is CPU-bound (pyVmomi's SOAP parser): threads of one process contend for one core and
     # got slower than one thread. One process per core, each with its share of the endpoints (largest first to
     # the least loaded) and threads for the network waits.
-    shares: List[List[int]] = [[] for _ in range(processes)]
+    shares: List[List[List[int]]] = [[] for _ in range(processes)]
     load = [0] * processes
-    for i in sorted(range(len(targets)), key=lambda i: -len(targets[i].get("guests") or [])):
+    for group in sorted(groups, key=lambda g: -weight(g)):
         least = load.index(min(load))
-        shares[least].append(i)
-        load[least] += 1 + len(targets[i].get("guests") or [])
+        shares[least].append(group)
+        load[least] += weight(group)
     threads = max(1, max_endpoints // processes)
-    for uri in {str(t.get("uri") or "") for t in targets}:
+
+    def share_args(share: List[List[int]]) -> Any:
+        return [[targets[i] for i in group] for group in share], params, run, threads, user_data
+
+    if processes <= 1:
+        for group, out in zip(shares[0], _run_share(*share_args(shares[0]))):
+            for i, result in zip(group, out):
+                results[i] = result
+        return results
+    for uri in by_uri:
         preload("vsphere" if uri.startswith("vsphere://") else "libvirt")
-    results: List[Dict[str, Any]] = [{} for _ in targets]
     context = multiprocessing.get_context("fork")
     # What this process holds (in an Ansible worker: the whole inventory) is moved out of the children's garbage
     # collection: scanning it would cost each child time and copy its memory pages.
     gc.freeze()
     try:
         with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-            futures = {pool.submit(_run_share, [targets[i] for i in share], params, run, threads, user_data): share
-                       for share in shares if share}
+            futures = {pool.submit(_run_share, *share_args(share)): share for share in shares if share}
             for future in concurrent.futures.as_completed(futures):
-                for i, result in zip(futures[future], future.result()):
-                    results[i] = result
+                for group, out in zip(futures[future], future.result()):
+                    for i, result in zip(group, out):
+                        results[i] = result
     finally:
         gc.unfreeze()
     return results
 
 
-def processes_for(targets: int) -> int:
-    """Worker processes for TARGETS endpoints: one per core this process may run on, at most one per target."""
+def processes_for(endpoints: int) -> int:
+    """Worker processes for ENDPOINTS: one per core this process may run on, at most one per endpoint."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(cores, targets))
+    return max(1, min(cores, endpoints))
 
 
-def _run_share(targets: List[Dict[str, Any]], params: Dict[str, Any], options: RunOptions,
-               threads: int, user_data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    if threads <= 1 or len(targets) == 1:
-        return [_one(t, params, options, user_data) for t in targets]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(targets))) as pool:
-        return list(pool.map(lambda t: _one(t, params, options, user_data), targets))
+def _run_share(groups: List[Group], params: Dict[str, Any], options: RunOptions, threads: int,
+               user_data: Dict[str, Any]) -> List[List[Dict[str, Any]]]:
+    """A worker's endpoints (each a group of targets), THREADS at a time."""
+    if threads <= 1 or len(groups) == 1:
+        return [_endpoint(g, params, options, user_data) for g in groups]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(groups))) as pool:
+        return list(pool.map(lambda g: _endpoint(g, params, options, user_data), groups))
 
 
 def fleet_guests_argument_spec() -> Dict[str, Any]:

@@ -129,7 +129,7 @@ def playbook(which: str, inventory: Path, fleet: Path, out: Path, password: str,
     seconds = time.monotonic() - start_time
     changed = sum(int(n) for n in re.findall(r"changed=(\d+)", proc.stdout)) if "PLAY RECAP" in proc.stdout else None
     summary: dict[str, Any] = {}
-    source = out / ("apply.json" if which == "apply" and (out / "apply.json").exists() else "plan.json")
+    source = out / "plan.json"  # what the run planned (an apply writes it too, before it applies)
     if source.exists():
         summary = json.loads(source.read_text())["summary"]
     error = ""

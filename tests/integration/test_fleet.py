@@ -286,3 +286,22 @@ def test_user_data_never_in_output_or_files(fleet_ctx: Dict[str, Any], libvirt_c
     libvirt_conn.lookupByName(f"{p}-seeded")
     again = playbook(ctx, "plan", fleet_file(ctx, guests), out)
     assert actions(read_plan(out)) == {f"{p}-seeded": "none"}, again.stdout[-1500:]
+
+
+def test_unreachable_hypervisor_guests_are_never_placed_elsewhere(fleet_ctx: Dict[str, Any],
+                                                                  libvirt_conn: Any) -> None:
+    """An endpoint that does not answer (127.0.10.14: nothing listens there) is in the plan with the guests that may
+    run on it; those are not created anywhere, the others are, and drift fails naming it."""
+    ctx, p = fleet_ctx, fleet_ctx["prefix"]
+    data = yaml.safe_load(ctx["inventory"].read_text())
+    data["endpoints"].append({"uri": "vsphere://127.0.10.14"})
+    ctx["inventory"].write_text(yaml.safe_dump(data))
+    fleet = fleet_file(ctx, [{"name": f"{p}-k", "hypervisor_type": "kvm"}, {"name": f"{p}-any"}])
+    out = ctx["dir"] / "out"
+    playbook(ctx, "apply", fleet, out)
+    plan = read_plan(out)
+    assert plan["unreachable"] == [{"hypervisor": "127.0.10.14", "guests": [f"{p}-any"]}]
+    assert actions(plan) == {f"{p}-k": "create"}
+    assert {d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(p)} == {f"{p}-k"}
+    drift = playbook(ctx, "drift", fleet, out, check=False)
+    assert drift.returncode != 0 and "127.0.10.14: unreachable, not checked" in drift.stdout
