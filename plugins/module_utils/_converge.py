@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._errors import ConfigError, VirtfleetError, one_line
+from ._errors import ConcurrentRunError, ConfigError, VirtfleetError, one_line
 from ._model import OWNER_TAG, GuestSpec, GuestState, Placement
 from ._plan import GuestPlan, Planner, PlanOptions
 from .backends.base import GuestBackend
@@ -31,6 +32,9 @@ class RunOptions:
     # With exclusive, names never removed although not in the list (a fleet's guests placed elsewhere or not
     # placed at all: the fleet declares them, so prune must not delete them).
     keep: Tuple[str, ...] = ()
+    # When set: what an earlier check-mode run planned, guest name -> (action, changes as JSON text). A plan that
+    # differs is refused before anything is changed (a fleet apply changes only what was planned and reviewed).
+    expected: Optional[Dict[str, Tuple[str, str]]] = None
 
 
 @dataclasses.dataclass
@@ -155,10 +159,28 @@ def _apply(backend: GuestBackend, plan: GuestPlan, placement: Placement, options
         backend.restart_guest(current, options.shutdown_timeout, options.plan.force, plan)
 
 
+def planned(action: str, changes: List[Dict[str, Any]]) -> Tuple[str, str]:
+    """A guest's plan as compared between a check run and the apply: the action and the changes, as JSON."""
+    keys = ("field", "before", "after", "live")
+    return action, json.dumps([{k: c.get(k) for k in keys} for c in changes], sort_keys=True, default=str)
+
+
+def _check_expected(plans: List[GuestPlan], expected: Dict[str, Tuple[str, str]]) -> None:
+    now = {p.desired.name: planned(p.action, [c.to_dict() for c in p.changes]) for p in plans}
+    differ = sorted(n for n in set(now) | set(expected)
+                    if now.get(n, ("none", "[]")) != expected.get(n, ("none", "[]")))
+    if differ:
+        raise ConcurrentRunError("plan", f"changed since it was checked for {', '.join(differ[:5])}"
+                                         f"{' and more' if len(differ) > 5 else ''}; nothing was changed on this "
+                                         "hypervisor - plan again")
+
+
 def converge(backend: GuestBackend, specs: List[GuestSpec], placement: Placement,
              options: RunOptions) -> List[GuestResult]:
     """Plan every guest, then (outside check mode) apply the plans in parallel and read the guests back."""
     plans = plan_all(backend, specs, placement, options)
+    if options.expected is not None and not options.check_mode:
+        _check_expected(plans, options.expected)
     errors: Dict[int, str] = {}
     if not options.check_mode:
         todo = [i for i, p in enumerate(plans) if p.changed]

@@ -9,16 +9,19 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import gc
+import hashlib
+import json
 import multiprocessing
 import os
-from typing import Any, Dict, List, Optional
+import signal
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ._argspec import connection_argument_spec, convergence_argument_spec, endpoint_from_params
-from ._converge import RunOptions, converge
+from ._converge import RunOptions, converge, planned
 from ._endpoints import check_bounds
-from ._errors import ConfigError, VirtfleetError, one_line
+from ._errors import ConcurrentRunError, ConfigError, VirtfleetError, one_line
 from ._fleet import fleet_from_dict
 from ._fleet_plan import OPTIONS, build_plan
 from ._guest_module import hide_secrets, run_options_from_params, specs_from_entries, strings_of
@@ -42,6 +45,11 @@ def user_data_of(fleet_file: Optional[str]) -> Dict[str, Any]:
             raw = yaml.safe_load(handle)
     except (OSError, yaml.YAMLError) as exc:  # pylint: disable=no-member
         raise ConfigError("fleet_file", fleet_file, f"cannot be read: {one_line(exc)}") from None
+    return user_data_from(raw)
+
+
+def user_data_from(raw: Any) -> Dict[str, Any]:
+    """Guest name -> its cloud_init.user_data, from the fleet file's content (defaults merged, as placement did)."""
     return {g.name: g.options["cloud_init"]["user_data"] for g in fleet_from_dict(raw).guests
             if (g.options.get("cloud_init") or {}).get("user_data") is not None}
 
@@ -91,15 +99,18 @@ def _result(target: Dict[str, Any]) -> Dict[str, Any]:
             "guests": [], "planned": planned}
 
 
-def _one(target: Dict[str, Any], backend: Any, options: RunOptions, user_data: Dict[str, Any]) -> Dict[str, Any]:
-    """One target on BACKEND (its endpoint's, shared with the endpoint's other targets)."""
+def _one(target: Dict[str, Any], backend: Any, options: RunOptions, user_data: Dict[str, Any],
+         expect: Any = None) -> Dict[str, Any]:
+    """One target on BACKEND (its endpoint's, shared with the endpoint's other targets). EXPECT: the check run's
+    results, which this target's plan must match before anything is changed."""
     out = _result(target)
     label = f"targets[{out['hypervisor']}]"
     try:
         _check_target(target, label)
         specs = specs_from_entries(with_user_data(target.get("guests") or [], user_data, label))
         run = dataclasses.replace(options, exclusive=bool(target.get("exclusive")), allow_empty=True,
-                                  keep=tuple(target.get("keep") or []))
+                                  keep=tuple(target.get("keep") or []),
+                                  expected=None if expect is None else expected_of(expect, out["hypervisor"]))
         results = converge(backend, specs, _placement(target, label), run)
     except VirtfleetError as exc:
         out.update(failed=True, msg=str(exc))
@@ -121,7 +132,7 @@ def _endpoint(group: Group, params: Dict[str, Any], options: RunOptions,
     try:
         endpoint = endpoint_from_params(dict(params, uri=group[0].get("uri")))
         with guest_backend_for(endpoint, params["timeout"]) as backend:
-            return [_one(target, backend, options, user_data) for target in group]
+            return [_one(target, backend, options, user_data, params.get("expect")) for target in group]
     except VirtfleetError as exc:
         error = str(exc)
     except Exception as exc:  # noqa: BLE001 - one endpoint's library error never stops the others
@@ -130,7 +141,7 @@ def _endpoint(group: Group, params: Dict[str, Any], options: RunOptions,
 
 
 def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], options: RunOptions,
-                     max_endpoints: int) -> List[Dict[str, Any]]:
+                     max_endpoints: int, user_data: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """Every target converged (in check mode: planned), endpoints in parallel; results in the targets' order."""
     if not targets:
         return []
@@ -149,7 +160,8 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     per_endpoint = max(1, min(options.max_workers, 32 // min(len(groups), max_endpoints)))
     run = dataclasses.replace(options, max_workers=per_endpoint)
     processes = min(processes_for(len(groups)), max_endpoints)
-    user_data = user_data_of(params.get("fleet_file"))
+    if user_data is None:
+        user_data = user_data_of(params.get("fleet_file"))
     results: List[Dict[str, Any]] = [{} for _ in targets]
 
     def weight(group: List[int]) -> int:
@@ -177,19 +189,34 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     for uri in by_uri:
         preload("vsphere" if uri.startswith("vsphere://") else "libvirt")
     context = multiprocessing.get_context("fork")
+    # A worker that dies (killed, a crash in C code) fails its own share's targets, not the others' results.
     # What this process holds (in an Ansible worker: the whole inventory) is moved out of the children's garbage
     # collection: scanning it would cost each child time and copy its memory pages.
     gc.freeze()
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context,
+                                                    initializer=_worker_signals) as pool:
             futures = {pool.submit(_run_share, *share_args(share)): share for share in shares if share}
             for future in concurrent.futures.as_completed(futures):
-                for group, out in zip(futures[future], future.result()):
+                try:
+                    outs = future.result()
+                except Exception as exc:  # noqa: BLE001 - the worker process itself failed
+                    msg = f"the worker process for this endpoint failed: {type(exc).__name__}: {one_line(exc)}"
+                    outs = [[dict(_result(targets[i]), failed=True, msg=msg) for i in group]
+                            for group in futures[future]]
+                for group, out in zip(futures[future], outs):
                     for i, result in zip(group, out):
                         results[i] = result
     finally:
         gc.unfreeze()
     return results
+
+
+def _worker_signals() -> None:
+    """Workers forked from an Ansible worker inherit its SIGTERM/SIGINT handler, which cannot work in them: they stop
+    when their parent is told to (Ctrl-C, a job cancelled in AWX) instead of going on unreported."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def processes_for(endpoints: int) -> int:
@@ -220,12 +247,39 @@ def fleet_guests_argument_spec() -> Dict[str, Any]:
             "placement": {"type": "dict"},
             # The fleet file placement read: the guests' cloud_init.user_data stays there until this reads it.
             "fleet_file": {"type": "path"},
+            # Apply: what the check run planned (its targets) and the user_data it used; a difference changes nothing.
+            "expect": {"type": "list", "elements": "dict"},
+            "user_data_digest": {"type": "str"},
             "max_endpoints": {"type": "int", "default": 8}}
 
 
-def run_fleet(params: Dict[str, Any], check_mode: bool) -> Dict[str, Any]:
-    """Validated parameters -> the result (changed, targets, restart_required); VirtfleetError on bad input."""
+def expected_of(checked: Any, hypervisor: str) -> Dict[str, Tuple[str, str]]:
+    """What the check run (CHECKED: its targets' results) planned for HYPERVISOR, as converge compares it."""
+    for target in checked if isinstance(checked, list) else []:
+        if isinstance(target, dict) and str(target.get("hypervisor")) == hypervisor:
+            return {str(g.get("name")): planned(str(g.get("action")), g.get("changes") or [])
+                    for g in target.get("guests") or [] if isinstance(g, dict)}
+    return {}
+
+
+def user_data_digest(user_data: Dict[str, Any]) -> str:
+    """Which user_data a run used (sha256 over all of it): the apply must use what the check run did."""
+    blob = json.dumps(user_data, sort_keys=True, default=str).encode("utf-8")
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def run_fleet(params: Dict[str, Any], check_mode: bool, user_data: Optional[Dict[str, Any]] = None,
+              mask: Callable[[str], str] = str) -> Dict[str, Any]:
+    """Validated parameters -> the result (changed, targets, restart_required, user_data_digest, plan);
+    VirtfleetError on bad input. USER_DATA: the fleet file's (read from fleet_file when None). MASK is applied to
+    every free-text message before the plan is built from the results (the plan itself holds no secret)."""
     check_bounds("max_endpoints", params["max_endpoints"], 256)
+    if user_data is None:
+        user_data = user_data_of(params.get("fleet_file"))
+    digest = user_data_digest(user_data)
+    if params.get("user_data_digest") and params["user_data_digest"] != digest:
+        raise ConcurrentRunError("fleet_file", "its cloud_init.user_data changed since the plan was checked; nothing "
+                                               "was changed - plan again")
     placement = params.get("placement")
     targets = params.get("targets")
     if targets is None:
@@ -233,20 +287,29 @@ def run_fleet(params: Dict[str, Any], check_mode: bool) -> Dict[str, Any]:
             raise ConfigError("targets", None, "give targets, or placement (the place filter's output)")
         targets = placement.get("targets") or []
     options = run_options_from_params(dict(params, exclusive=False, allow_empty=True), check_mode)
-    results = converge_targets(targets, params, options, int(params["max_endpoints"]))
+    results = converge_targets(targets, params, options, int(params["max_endpoints"]), user_data)
+    for result in results:
+        if result.get("msg"):
+            result["msg"] = mask(result["msg"])
+        for guest in result.get("guests") or []:
+            if guest.get("msg"):
+                guest["msg"] = mask(guest["msg"])
     out = {"changed": any(g.get("changed") for r in results for g in r["guests"]), "targets": results,
-           "restart_required": any(g.get("restart_required") for r in results for g in r["guests"])}
+           "restart_required": any(g.get("restart_required") for r in results for g in r["guests"]),
+           "user_data_digest": digest}
     if placement is not None:
         out["plan"] = build_plan(placement, results, {k: params.get(k) for k in OPTIONS})
     return out
 
 
-def secrets_of(params: Dict[str, Any]) -> List[str]:
+def secrets_of(params: Dict[str, Any], user_data: Optional[Dict[str, Any]] = None) -> List[str]:
     """What no output may carry: the password and every cloud_init.user_data string of the targets' guests and of
-    the fleet file."""
+    the fleet file (USER_DATA, else read from fleet_file)."""
     found = [params["password"]] if params.get("password") else []
     try:
-        found.extend(t for v in user_data_of(params.get("fleet_file")).values() for t in strings_of(v) if len(t) >= 8)
+        if user_data is None:
+            user_data = user_data_of(params.get("fleet_file"))
+        found.extend(t for v in user_data.values() for t in strings_of(v) if len(t) >= 8)
     except ConfigError:
         pass  # reported by the run itself
     for target in (params.get("targets") or []) + list((params.get("placement") or {}).get("targets") or []):

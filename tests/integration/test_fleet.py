@@ -276,10 +276,15 @@ def test_user_data_never_in_output_or_files(fleet_ctx: Dict[str, Any], libvirt_c
     and yet the guest is made with it (its seed digest is the one of that user_data)."""
     ctx, p = fleet_ctx, fleet_ctx["prefix"]
     secret = "vf-" + str(7919 * 613) + "-sentinel"
+    # The user_data also holds the guest's own name: output is masked, the plan's names and digest are not.
     guests = [{"name": f"{p}-seeded", "hypervisor_type": "kvm",
-               "cloud_init": {"user_data": f"#cloud-config\npassword: {secret}\n", "meta_data": "instance-id: x\n"}}]
+               "cloud_init": {"user_data": {"password": secret, "hostname": f"{p}-seeded"},
+                              "meta_data": "instance-id: x\n"}}]
     out = ctx["dir"] / "out"
-    proc = playbook(ctx, "apply", fleet_file(ctx, guests), out, "-vvv")
+    playbook(ctx, "plan", fleet_file(ctx, guests), out)
+    reviewed = ctx["dir"] / "reviewed.json"
+    shutil.copy(out / "plan.json", reviewed)
+    proc = playbook(ctx, "apply", fleet_file(ctx, guests), out, "-vvv", "-e", f"fleet_plan={reviewed}")
     assert secret not in proc.stdout + proc.stderr
     for path in out.iterdir():
         assert secret not in path.read_text(), path.name

@@ -374,3 +374,23 @@ def test_plan_md_escapes_what_hypervisors_say() -> None:
     assert "<img" not in page
     assert "&lt;img src=x&gt;" in md and "&lt;img src=x&gt;" in page
     assert json.loads(files["plan.json"])["digest"] == plan["digest"]
+
+
+def test_apply_refuses_a_plan_that_changed_since_the_check() -> None:
+    """converge with expected (the check run's plan) changes nothing when today's plan differs."""
+    from test_plan import FakeBackend, spec
+
+    from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge, planned
+    from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConcurrentRunError
+    from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement
+
+    backend = FakeBackend([])
+    wanted = [spec(name="new01")]
+    checked = converge(backend, wanted, Placement(), RunOptions(check_mode=True))
+    same = {r.name: planned(r.action, r.changes) for r in checked}
+    converge(backend, wanted, Placement(), RunOptions(expected=same))  # the planned create goes ahead
+    backend2 = FakeBackend([])
+    with pytest.raises(ConcurrentRunError) as err:
+        converge(backend2, [spec(name="new02")], Placement(), RunOptions(expected=same))
+    assert "new01" in str(err.value) and "new02" in str(err.value)
+    assert not backend2.mutations
