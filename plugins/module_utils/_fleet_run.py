@@ -67,6 +67,8 @@ def with_user_data(entries: List[Any], user_data: Dict[str, Any], label: str) ->
             entry["cloud_init"] = dict(entry.get("cloud_init") or {}, user_data=user_data[name])
         out.append(entry)
     return out
+
+
 PLACEMENT_KEYS = ("datacenter", "cluster", "esxi_host", "datastore", "folder", "resource_pool", "domain_type")
 
 
@@ -162,7 +164,7 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     processes = min(processes_for(len(groups)), max_endpoints)
     if user_data is None:
         user_data = user_data_of(params.get("fleet_file"))
-    results: List[Dict[str, Any]] = [{} for _ in targets]
+    results: List[Dict[str, Any]] = [{} for _target in targets]
 
     def weight(group: List[int]) -> int:
         return sum(1 + len(targets[i].get("guests") or []) for i in group)
@@ -170,7 +172,7 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     # Reading and planning is CPU-bound (pyVmomi's SOAP parser): threads of one process contend for one core and
     # got slower than one thread. One process per core, each with its share of the endpoints (largest first to
     # the least loaded) and threads for the network waits.
-    shares: List[List[List[int]]] = [[] for _ in range(processes)]
+    shares: List[List[List[int]]] = [[] for _share in range(processes)]
     load = [0] * processes
     for group in sorted(groups, key=lambda g: -weight(g)):
         least = load.index(min(load))

@@ -14,8 +14,8 @@ description:
     connection, one bulk read and every guest planned before anything on that hypervisor is changed.
   - A target whose plan fails (a guest that is invalid for that hypervisor, an endpoint that is down) changes
     nothing there and is reported in its result; the other targets go on.
-  - Runs on the controller (an action plugin of the same name does the work there, without shipping a module):
-    the controller is what reaches the hypervisors. This module file runs the same code where an action plugin
+  - Runs on the controller (an action plugin of the same name does the work there, without shipping a module),
+    which is what reaches the hypervisors. This module file runs the same code where an action plugin
     cannot be used.
   - The playbooks C(virtfleet.core.plan), C(virtfleet.core.apply) and C(virtfleet.core.drift) and the role
     C(virtfleet.core.fleet) call this once per run.
@@ -37,6 +37,17 @@ options:
       - Without it, the C(targets) of O(placement).
     type: list
     elements: dict
+  expect:
+    description:
+      - For an apply, the C(targets) a check-mode run of this module returned. Each target is planned again and
+        nothing is changed on it when its plan differs from what that run planned.
+    type: list
+    elements: dict
+  user_data_digest:
+    description:
+      - For an apply, the C(user_data_digest) the check-mode run returned; a fleet file whose user_data changed
+        since is refused before anything is changed.
+    type: str
   placement:
     description:
       - The P(virtfleet.core.place#filter) filter's output. Its C(targets) are converged unless O(targets) is given,
@@ -101,6 +112,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+user_data_digest:
+  description: A digest of the guests' user_data this run used (see O(user_data_digest)).
+  returned: success
+  type: str
 plan:
   description: The plan (see docs/fleet.md, plan.json), when O(placement) is given.
   returned: when placement is given

@@ -245,10 +245,11 @@ def main() -> int:
             fleet = write_fleet(work, scale, state)
             out = work / f"out-{scale.hypervisors}"
             record(scale, "first apply", playbook("apply", inventory, fleet, out, password))
-            record(scale, "no-op plan", median([playbook("plan", inventory, fleet, out, password) for _ in range(3)]))
+            plans = [playbook("plan", inventory, fleet, out, password) for _run in range(3)]
+            record(scale, "no-op plan", median(plans))
             if scale is BASE:
                 record(scale, "no-op apply",
-                       median([playbook("apply", inventory, fleet, out, password) for _ in range(3)]))
+                       median([playbook("apply", inventory, fleet, out, password) for _run in range(3)]))
                 changed = write_fleet(work, scale, state, changed=50)
                 record(scale, "plan, 50 changes", playbook("plan", inventory, changed, out, password))
                 items = loop_items(placement_dump(work, inventory, fleet, password))

@@ -52,6 +52,7 @@ def preload() -> None:
         for part in path:
             obj = getattr(obj, part)
 
+
 PAGE_SIZE = 1000
 # The clock and sleep of task waits (tests replace them with a fake clock).
 _monotonic = time.monotonic
