@@ -8,8 +8,8 @@ Phases, each one whole `ansible-playbook` run (wall clock, end to end, discovery
   first apply, no-op plan, no-op apply, a plan with 50 changes (memory of 50 guests 64 -> 96 MiB).
 Beside it, in the same run: the way users do it today, a loop of the `virtfleet.core.guest` module in check mode
 over the same 500 guests, each given the hypervisor placement chose.
-Then the same at 4x the hypervisors (160 ESXi servers, a 32-host cluster, the KVM host: 193) and 4x the guests
-(2,000): first apply and the no-op plan.
+Then the same at 4x the hypervisors (160 ESXi servers, a 32-host cluster, the KVM host: 193), first with the same
+500 guests, then with 4x the guests (2,000): first apply and the no-op plan.
 Every vfbench-fl-* domain is removed at the end (the simulators hold their VMs in memory and are stopped by
 PID). The table is printed and written to docs/benchmarks.md. Nothing asserts a time.
 """
@@ -51,6 +51,8 @@ class Scale:
 
 BASE = Scale("49 hypervisors, 500 guests", 40, 8, 500, 10)
 LARGE = Scale("193 hypervisors, 2,000 guests", 160, 32, 2000, 40)
+# 4x the hypervisors, the same 500 guests: the issue's scaling target.
+WIDE = Scale("193 hypervisors, 500 guests", 160, 32, 500, 10)
 
 
 def esxi_endpoints(scale: Scale) -> list[lab.VcsimEndpoint]:
@@ -237,7 +239,7 @@ def main() -> int:
         return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
 
     clean_libvirt()
-    for scale in (BASE, LARGE):
+    for scale in (BASE, WIDE, LARGE):
         eps: list[lab.VcsimEndpoint] = []
         try:
             eps = start(scale, password)
@@ -281,12 +283,14 @@ def report(rows: list[tuple[str, str, Run]], before: float, after: float) -> Non
     apply_ = by.get((BASE.label, "no-op apply"))
     loop = next((r for (f, p), r in by.items() if p.startswith("guest module loop")), None)
     large = by.get((LARGE.label, "no-op plan"))
+    wide = by.get((WIDE.label, "no-op plan"))
     lines.append("")
-    if plan and apply_ and loop and large:
+    if plan and apply_ and loop and large and wide:
         lines.append(f"Targets: no-op plan {plan.seconds:.2f} s (target under 10 s); no-op apply "
                      f"{apply_.seconds:.2f} s (under 10 s); the guest-module loop took "
                      f"{loop.seconds / plan.seconds:.1f}x the no-op plan's time (at least 10x); 4x the hypervisors "
-                     f"and guests took {large.seconds / plan.seconds:.2f}x the time (at most 2.5x).")
+                     f"took {wide.seconds / plan.seconds:.2f}x the time (at most 2.5x), 4x the hypervisors and "
+                     f"the guests {large.seconds / plan.seconds:.2f}x.")
     lines.append(f"A fixed CPU loop took {before:.2f} s before the run and {after:.2f} s after it.")
     print("\n".join(lines))
     write_section(MARKER, "\n".join(lines))
