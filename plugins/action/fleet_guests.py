@@ -5,13 +5,13 @@ and moving the targets and results through JSON (for a 500-guest fleet about 1.5
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Optional
 
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.module_utils.common.parameters import remove_values
 from ansible.plugins.action import ActionBase
 
+from ansible_collections.virtfleet.core.plugins.module_utils._argspec import plain_data
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError, VirtfleetError, one_line
 from ansible_collections.virtfleet.core.plugins.module_utils._fleet_run import (
     fleet_guests_argument_spec,
@@ -27,7 +27,7 @@ class ActionModule(ActionBase):
     def run(self, tmp: Optional[str] = None, task_vars: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         result = super().run(tmp, task_vars)
         # Plain data (Ansible's tagged strings cost time in validation and in pickling to the worker processes).
-        args = json.loads(json.dumps(dict(self._task.args)))
+        args = plain_data(dict(self._task.args))
         validated = ArgumentSpecValidator(fleet_guests_argument_spec()).validate(args)
         params = validated.validated_parameters
         try:
@@ -60,4 +60,4 @@ class ActionModule(ActionBase):
             raw = self._loader.load_from_file(path)
         except Exception as exc:  # noqa: BLE001 - Ansible's parse and vault errors, one line
             raise ConfigError("fleet_file", path, f"cannot be read: {one_line(exc)}") from None
-        return user_data_from(json.loads(json.dumps(raw, default=str)))
+        return user_data_from(plain_data(raw))

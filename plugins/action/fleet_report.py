@@ -14,14 +14,11 @@ import jinja2
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
+from ansible_collections.virtfleet.core.plugins.module_utils._argspec import plain_data
+
 # The role's templates: the page and the comment are templates a user can read; this plugin only renders them.
 FILES = ("plan.json", "plan.md", "report.html", "apply.json")
 TEMPLATES = Path(__file__).resolve().parents[2] / "roles" / "fleet" / "templates"
-
-
-def _plain(value: Any) -> Any:
-    """Tagged/unsafe strings from Ansible as plain data (json and jinja2 see ordinary values)."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def _write(path: Path, text: str) -> bool:
@@ -71,7 +68,7 @@ class ActionModule(ActionBase):
         unknown = sorted(set(wanted) - set(FILES))
         if unknown:
             raise AnsibleActionFail(f"fleet_report: files={unknown[0]!r}: expected one of {', '.join(FILES)}")
-        contents = render(_plain(plan), str(args.get("title") or "Plan"))
+        contents = render(plain_data(plan), str(args.get("title") or "Plan"))
         out = Path(str(dest)).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         changed = False

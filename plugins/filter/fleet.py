@@ -12,7 +12,6 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError
 from ansible_collections.virtfleet.core.plugins.module_utils._fleet_plan import (
     build_plan,
-    check_fleet,
     compare_reviewed,
     drift_of,
     placement_data,
@@ -25,15 +24,6 @@ def place(fleet: Any, hypervisors: List[Dict[str, Any]], guests: Optional[List[D
         return placement_data(fleet, hypervisors or [], guests or [], unreachable or [], limit)
     except VirtfleetError as exc:
         raise AnsibleFilterError(f"virtfleet.core.place: {exc}") from None
-
-
-def fleet_check(fleet: Any, hypervisors: Optional[List[Any]] = None, guests: Optional[List[Any]] = None) -> str:
-    """The fleet file (and the inventory placement will read) checked: a summary line, or one line naming the entry
-    and field. The role runs this before placement, whose output it never shows (it holds cloud-init data)."""
-    try:
-        return check_fleet(fleet, hypervisors or [], guests or [])
-    except VirtfleetError as exc:
-        raise AnsibleFilterError(f"virtfleet.core.fleet_check: {exc}") from None
 
 
 def fleet_plan(placement: Dict[str, Any], converged: List[Dict[str, Any]],
@@ -51,5 +41,5 @@ def fleet_check_reviewed(plan: Dict[str, Any], reviewed: Any) -> Optional[str]:
 
 class FilterModule:
     def filters(self) -> Dict[str, Callable[..., Any]]:
-        return {"place": place, "fleet_check": fleet_check, "fleet_plan": fleet_plan, "fleet_drift": fleet_drift,
+        return {"place": place, "fleet_plan": fleet_plan, "fleet_drift": fleet_drift,
                 "fleet_check_reviewed": fleet_check_reviewed}

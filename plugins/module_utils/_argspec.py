@@ -7,12 +7,29 @@ imports the planner or the convergence engine."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict
 
 from ansible.module_utils.basic import env_fallback
 
 from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials
 from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, OWNER_TAG, Placement
+
+
+def without_none(value: Any) -> Any:
+    """An entry as the user wrote it: AnsibleModule fills every unset suboption with None, which a second
+    validation would take as set (None is not one of a choice's values)."""
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value]
+    return value
+
+
+def plain_data(value: Any) -> Any:
+    """Ansible's tagged/unsafe strings (and YAML's dates) as plain JSON data: what the validator, a digest, a
+    pickle for a worker process or a template wants."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def connection_argument_spec() -> Dict[str, Any]:

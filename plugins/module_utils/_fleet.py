@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.module_utils.errors import NoLogError
 
-from ._argspec import guest_argument_spec
+from ._argspec import guest_argument_spec, plain_data, without_none
 from ._errors import ConfigError
 from ._model import GuestSpec, guest_spec_from_dict, owner_id
 from ._plan import NEW_GUEST_DEFAULTS
@@ -131,41 +131,15 @@ class Fleet:
     hypervisors: List[HypervisorRule]
 
 
-def _without_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v) for v in value]
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """Ansible's tagged/unsafe strings and YAML types as plain Python values (the validator and the digest
-    want plain data)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    return value
-
-
 def _validate(spec: Dict[str, Any], data: Any, label: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(label, data, "must be a mapping")
-    result = ArgumentSpecValidator(spec).validate(_without_none(data))
+    result = ArgumentSpecValidator(spec).validate(without_none(data))
     if result.error_messages:
         # A no_log option's error says only that a value could not be parsed: the next one names the field.
         named = [str(e) for e in result.errors if not isinstance(e, NoLogError)] or result.error_messages
         raise ConfigError(label, "...", named[0])
-    return _without_none(result.validated_parameters)
+    return without_none(result.validated_parameters)
 
 
 def _merge(defaults: Dict[str, Any], entry: Dict[str, Any]) -> Dict[str, Any]:
@@ -213,7 +187,7 @@ def _fleet_guest(index: int, raw: Any, defaults: Dict[str, Any]) -> FleetGuest:
     label = f"fleet guests[{index}] ({name})" if name else f"fleet guests[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(label, raw, "must be a mapping of guest options")
-    data = _validate(fleet_guest_spec(), _merge(defaults, _plain(raw)), label)
+    data = _validate(fleet_guest_spec(), _merge(defaults, plain_data(raw)), label)
     constraints = {k: data.pop(k) for k in CONSTRAINT_SPEC if k in data}
     try:
         spec = guest_spec_from_dict(data)
@@ -227,7 +201,7 @@ def _fleet_guest(index: int, raw: Any, defaults: Dict[str, Any]) -> FleetGuest:
 
 def fleet_from_dict(raw: Any) -> Fleet:
     """The fleet file as read (YAML -> dict), validated; the first problem is one ConfigError."""
-    data = _validate(FLEET_SPEC, _plain(raw), "fleet")
+    data = _validate(FLEET_SPEC, plain_data(raw), "fleet")
     name = owner_id(data["name"], "fleet name")
     defaults = _validate(defaults_spec(), data.get("defaults") or {}, "fleet defaults")
     rules = [_hypervisor_rule(i, entry) for i, entry in enumerate(data.get("hypervisors") or [])]

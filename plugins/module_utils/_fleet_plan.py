@@ -101,15 +101,6 @@ def check_inventory(hosts: Sequence[Host]) -> None:
                                                  "build the hypervisors inventory with guests: true")
 
 
-def check_fleet(fleet_raw: Any, hypervisors: Sequence[Any], guests: Sequence[Any]) -> str:
-    """What the fleet_check filter says: the fleet file and the inventory checked (one ConfigError if not)."""
-    fleet = fleet_from_dict(fleet_raw)
-    check_inventory(build_hosts(fleet, [_hypervisor_facts(h) for h in hypervisors],
-                                [g.get("virtfleet_guest", g) if isinstance(g, Mapping) else g for g in guests], None))
-    return (f"fleet {fleet.name}: {len(fleet.guests)} guests, {len(fleet.hypervisors)} hypervisor rules, "
-            f"strategy {fleet.strategy}, prune {'on' if fleet.prune else 'off'}")
-
-
 def plan_digest(plan: Dict[str, Any]) -> str:
     """sha256 over what the plan would do: the options it runs with, guests and their changes (a create with the
     whole guest and where it goes), and what it would not place. Two plans with one digest make the same calls."""

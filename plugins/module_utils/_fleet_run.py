@@ -18,13 +18,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ._argspec import connection_argument_spec, convergence_argument_spec, endpoint_from_params
+from ._argspec import (
+    connection_argument_spec,
+    convergence_argument_spec,
+    endpoint_from_params,
+    placement_from_params,
+)
 from ._converge import RunOptions, converge, planned
 from ._endpoints import check_bounds
 from ._errors import ConcurrentRunError, ConfigError, VirtfleetError, one_line
 from ._fleet import fleet_from_dict
 from ._fleet_plan import OPTIONS, build_plan
-from ._guest_module import hide_secrets, run_options_from_params, specs_from_entries, strings_of
+from ._guest_module import hide_secrets, run_options_from_params, secret_strings, specs_from_entries
 from ._model import Placement
 from ._placement import USER_DATA_MARK
 from .backends import guest_backend_for, preload
@@ -78,9 +83,7 @@ def _placement(target: Dict[str, Any], label: str) -> Placement:
     if unknown:
         raise ConfigError(f"{label}.placement.{unknown[0]}", raw[unknown[0]],
                           f"unknown option; expected one of {', '.join(PLACEMENT_KEYS)}")
-    return Placement(datacenter=raw.get("datacenter"), cluster=raw.get("cluster"), esxi_host=raw.get("esxi_host"),
-                     pool=raw.get("datastore"), folder=raw.get("folder"), resource_pool=raw.get("resource_pool"),
-                     domain_type=raw.get("domain_type"))
+    return placement_from_params(raw)
 
 
 Group = List[Dict[str, Any]]
@@ -143,7 +146,7 @@ def _endpoint(group: Group, params: Dict[str, Any], options: RunOptions,
 
 
 def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], options: RunOptions,
-                     max_endpoints: int, user_data: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+                     max_endpoints: int, user_data: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every target converged (in check mode: planned), endpoints in parallel; results in the targets' order."""
     if not targets:
         return []
@@ -162,8 +165,6 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     per_endpoint = max(1, min(options.max_workers, 32 // min(len(groups), max_endpoints)))
     run = dataclasses.replace(options, max_workers=per_endpoint)
     processes = min(processes_for(len(groups)), max_endpoints)
-    if user_data is None:
-        user_data = user_data_of(params.get("fleet_file"))
     results: List[Dict[str, Any]] = [{} for _target in targets]
 
     def weight(group: List[int]) -> int:
@@ -183,10 +184,13 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
     def share_args(share: List[List[int]]) -> Any:
         return [[targets[i] for i in group] for group in share], params, run, threads, user_data
 
-    if processes <= 1:
-        for group, out in zip(shares[0], _run_share(*share_args(shares[0]))):
+    def put(share: List[List[int]], outs: List[List[Dict[str, Any]]]) -> None:
+        for group, out in zip(share, outs):
             for i, result in zip(group, out):
                 results[i] = result
+
+    if processes <= 1:
+        put(shares[0], _run_share(*share_args(shares[0])))
         return results
     for uri in by_uri:
         preload("vsphere" if uri.startswith("vsphere://") else "libvirt")
@@ -206,9 +210,7 @@ def converge_targets(targets: List[Dict[str, Any]], params: Dict[str, Any], opti
                     msg = f"the worker process for this endpoint failed: {type(exc).__name__}: {one_line(exc)}"
                     outs = [[dict(_result(targets[i]), failed=True, msg=msg) for i in group]
                             for group in futures[future]]
-                for group, out in zip(futures[future], outs):
-                    for i, result in zip(group, out):
-                        results[i] = result
+                put(futures[future], outs)
     finally:
         gc.unfreeze()
     return results
@@ -311,14 +313,14 @@ def secrets_of(params: Dict[str, Any], user_data: Optional[Dict[str, Any]] = Non
     try:
         if user_data is None:
             user_data = user_data_of(params.get("fleet_file"))
-        found.extend(t for v in user_data.values() for t in strings_of(v) if len(t) >= 8)
+        found.extend(t for v in user_data.values() for t in secret_strings(v))
     except ConfigError:
         pass  # reported by the run itself
     for target in (params.get("targets") or []) + list((params.get("placement") or {}).get("targets") or []):
         for entry in (target.get("guests") or []) if isinstance(target, dict) else []:
             cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None
             if isinstance(cloud_init, dict):
-                found.extend(t for t in strings_of(cloud_init.get("user_data")) if len(t) >= 8)
+                found.extend(secret_strings(cloud_init.get("user_data")))
     return found
 
 
@@ -326,7 +328,9 @@ def run_fleet_module(module: AnsibleModule) -> None:
     """The fleet_guests module's edge (the action plugin of the same name runs run_fleet on the controller)."""
     invocation = hide_secrets(module)
     try:
-        result = run_fleet(module.params, module.check_mode)
+        user_data = user_data_of(module.params.get("fleet_file"))
+        module.no_log_values.update(secrets_of(module.params, user_data))
+        result = run_fleet(module.params, module.check_mode, user_data)
     except VirtfleetError as exc:
         module.fail_json(msg=str(exc), invocation=invocation)
     module.exit_json(invocation=invocation, **result)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
-from ._argspec import guest_argument_spec, placement_from_params
+from ._argspec import guest_argument_spec, placement_from_params, without_none
 from ._converge import RunOptions, converge, diff_of
 from ._endpoints import check_bounds, uri_password
 from ._errors import ConfigError, VirtfleetError, one_line
@@ -34,16 +34,6 @@ def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOpti
                       owner=owner_id(params["owner"]), shutdown_timeout=timeout, check_mode=check_mode)
 
 
-def _without_none(value: Any) -> Any:
-    """An entry as the user wrote it: AnsibleModule fills every unset suboption with None, which a second
-    validation would take as set (None is not one of a choice's values)."""
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v) for v in value]
-    return value
-
-
 def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
     """Each entry of ``guests`` checked against the same argument spec as the guest module's options."""
     validator = ArgumentSpecValidator(guest_argument_spec())
@@ -51,7 +41,7 @@ def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ConfigError(f"guests[{i}]", entry, "must be a dict of guest options")
-        result = validator.validate(_without_none(entry))
+        result = validator.validate(without_none(entry))
         if result.error_messages:
             label = f"guests[{i}] ({entry.get('name')})" if entry.get("name") else f"guests[{i}]"
             raise ConfigError(label, "...", result.error_messages[0])
@@ -85,10 +75,14 @@ def mask_user_data(module: AnsibleModule, entries: Any) -> None:
     for entry in entries if isinstance(entries, list) else []:
         cloud_init = entry.get("cloud_init") if isinstance(entry, dict) else None
         if isinstance(cloud_init, dict) and cloud_init.get("user_data") is not None:
-            for text in strings_of(cloud_init["user_data"]):
-                if len(text) >= 8:  # short values (true, a package name) would mask unrelated output
-                    module.no_log_values.add(text)
+            module.no_log_values.update(secret_strings(cloud_init["user_data"]))
             cloud_init["user_data"] = NO_LOG
+
+
+def secret_strings(user_data: Any) -> List[str]:
+    """The strings of a user_data document that no output may carry. Short values (true, a package name) are
+    left out: masking them would mask unrelated output."""
+    return [text for text in strings_of(user_data) if len(text) >= 8]
 
 
 def strings_of(value: Any) -> List[str]:

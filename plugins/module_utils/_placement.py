@@ -273,10 +273,9 @@ def _maybe_on(guest: FleetGuest, lost: Sequence[Dict[str, Any]]) -> List[str]:
     return [u["name"] for u in lost if not guest.hypervisor_type or u["type"] in (None, guest.hypervisor_type)]
 
 
-def _count_growth(guest: FleetGuest, host: Host, notes: List[Dict[str, str]]) -> None:
+def _count_growth(guest: FleetGuest, current: Existing, host: Host, notes: List[Dict[str, str]]) -> None:
     """An existing guest declared larger than it runs: the growth counts against its host before any new guest
     is placed there, and a host it would overfill is named in the notes (the update itself is not held back)."""
-    current = next(e for e in host.existing if e.name == guest.name)
     if guest.spec.state == "absent":
         return
     if guest.spec.memory_mib and guest.spec.memory_mib > current.memory_mib:
@@ -327,7 +326,8 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
             continue
         if found:
             host = found[0]
-            owner = next(e.owner for e in host.existing if e.name == guest.name)
+            current = next(e for e in host.existing if e.name == guest.name)
+            owner = current.owner
             if owner is not None and owner != fleet.name:
                 unplaceable.append({"name": guest.name, "reason": f"the name is taken on {host.name} by a guest of "
                                                                   f"owner {owner!r}; it is not adopted"})
@@ -337,7 +337,7 @@ def place(fleet: Fleet, hosts: List[Host], unreachable: Sequence[Dict[str, Any]]
                                                           "a guest is never moved"})
             placed.append(Placed(guest, host, True, _options_for(guest, host, True)))
             host.placed.append(guest.name)
-            _count_growth(guest, host, notes)
+            _count_growth(guest, current, host, notes)
             if guest.anti_affinity:
                 groups.setdefault(guest.anti_affinity, set()).add(host.name)
         elif guest.spec.state == "absent":

@@ -310,3 +310,27 @@ def test_unreachable_hypervisor_guests_are_never_placed_elsewhere(fleet_ctx: Dic
     assert {d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(p)} == {f"{p}-k"}
     drift = playbook(ctx, "drift", fleet, out, check=False)
     assert drift.returncode != 0 and "127.0.10.14: unreachable, not checked" in drift.stdout
+
+
+def test_bad_fleet_input_is_named_and_changes_nothing(fleet_ctx: Dict[str, Any], libvirt_conn: Any) -> None:
+    """An unknown field fails the run with one line naming the guest and field; a pin to no hypervisor, an
+    anti-affinity group that cannot hold, and a network no hypervisor maps are each named in plan.json with
+    its reason. The first run creates nothing; the second creates only the guest that fits."""
+    ctx, p = fleet_ctx, fleet_ctx["prefix"]
+    out = ctx["dir"] / "out"
+    proc = playbook(ctx, "apply", fleet_file(ctx, [{"name": f"{p}-a", "colour": "red"}]), out, check=False)
+    assert proc.returncode != 0
+    assert not [d for d in libvirt_conn.listAllDomains(0) if d.name().startswith(p)]
+    line = next(x for x in proc.stdout.splitlines() if "fleet guests[0]" in x)
+    assert f"({p}-a)" in line and "colour" in line
+    kvm = ctx["lab"]["libvirt_hostname"]
+    guests = [{"name": f"{p}-pin", "pin": "no-such-host"},
+              {"name": f"{p}-aa1", "pin": kvm, "anti_affinity": "g"},
+              {"name": f"{p}-aa2", "pin": kvm, "anti_affinity": "g"},
+              {"name": f"{p}-net", "nics": [{"network": "nowhere"}]}]
+    playbook(ctx, "apply", fleet_file(ctx, guests), out)
+    reasons = {u["name"]: u["reason"] for u in read_plan(out)["unplaceable"]}
+    assert reasons[f"{p}-pin"] == "pin: no hypervisor named 'no-such-host'"
+    assert "anti_affinity 'g' already there" in reasons[f"{p}-aa2"]
+    assert "network 'nowhere' not mapped" in reasons[f"{p}-net"]
+    assert {d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(p)} == {f"{p}-aa1"}
