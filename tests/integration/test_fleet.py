@@ -334,3 +334,13 @@ def test_bad_fleet_input_is_named_and_changes_nothing(fleet_ctx: Dict[str, Any],
     assert "anti_affinity 'g' already there" in reasons[f"{p}-aa2"]
     assert "network 'nowhere' not mapped" in reasons[f"{p}-net"]
     assert {d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(p)} == {f"{p}-aa1"}
+
+
+def test_plan_is_handed_to_set_stats(fleet_ctx: Dict[str, Any]) -> None:
+    """What AWX and ansible-runner keep as the job's artifact data: the plan, by its digest."""
+    ctx, p = fleet_ctx, fleet_ctx["prefix"]
+    out = ctx["dir"] / "out"
+    shown = dict(ctx, env=dict(ctx["env"], ANSIBLE_SHOW_CUSTOM_STATS="1"))
+    proc = playbook(shown, "plan", fleet_file(ctx, [{"name": f"{p}-a", "hypervisor_type": "kvm"}]), out)
+    stats = proc.stdout[proc.stdout.index("CUSTOM STATS"):]
+    assert "virtfleet_plan" in stats and read_plan(out)["digest"] in stats
