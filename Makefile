@@ -13,12 +13,12 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.build
 export ANSIBLE_PYTHON_INTERPRETER := $(CURDIR)/$(BIN)/python
 export ANSIBLE_NOCOLOR := 1
 
-.PHONY: help deps demo test lint sanity unit oldest integration lab-up lab-down lab-status collection build bench-discovery bench-converge bench-fleet
+.PHONY: help deps demo test lint sanity unit oldest integration molecule lab-up lab-down lab-status collection build bench-discovery bench-converge bench-fleet
 
 help:
 	@echo "make demo   - install what is missing, bring the lab up, run the main job on it"
 	@echo "make test   - install what is missing and run every check (lint, sanity, unit, integration)"
-	@echo "make lab-up | lab-down | lab-status | bench-discovery | bench-converge | bench-fleet | build"
+	@echo "make molecule | lab-up | lab-down | lab-status | bench-discovery | bench-converge | bench-fleet | build"
 
 # ------------------------------------------------------------------------------------------- setup
 .lab/.apt-done: bindep.txt tests/lab/install-deps.sh
@@ -85,7 +85,15 @@ oldest: collection $(OLDEST)/.done
 integration: collection lab-up
 	$(BIN)/pytest -q tests/integration
 
-test: lint sanity unit oldest integration
+# Every Molecule scenario (extensions/molecule): the default scenario's create brings the lab up (and its destroy
+# takes down only what create started); `molecule test -s NAME` runs one scenario, with the same create/destroy.
+# A fresh ephemeral directory: what an interrupted run left there must not decide this one.
+MOLECULE_DIR := $(CURDIR)/.build/molecule
+molecule: collection
+	@rm -rf $(MOLECULE_DIR)
+	PATH=$(CURDIR)/$(BIN):$$PATH MOLECULE_EPHEMERAL_DIRECTORY=$(MOLECULE_DIR) $(BIN)/molecule test --all
+
+test: lint sanity unit oldest integration molecule
 	@echo "make test: all checks passed"
 
 # ------------------------------------------------------------------------------------------- demo
