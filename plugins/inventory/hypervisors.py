@@ -289,6 +289,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             where = f"endpoints[{i}]"
             if isinstance(item, str):
                 item = {"uri": item}
+            if isinstance(item, dict) and "uri" in item:
+                # A template too, e.g. a lookup of the environment variable an AWX credential injects.
+                item = dict(item, uri=self._render(item["uri"]))
             if not isinstance(item, dict):
                 raise ConfigError(where, HIDDEN, "expected a uri string or a dict with uri or probe")
             extra = sorted(set(item) - {"uri", "probe", "ports"}, key=str)
@@ -310,7 +313,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         return endpoints, probes, (rules, default)
 
     def _render(self, value: Any) -> Any:
-        """Template a credential string written in the inventory file, e.g. a lookup of an environment variable."""
+        """Template a credential or URI string written in the inventory file, e.g. a lookup of an environment
+        variable."""
         if isinstance(value, str) and ("{{" in value or "{%" in value):
             return self.templar.template(value)
         return value

@@ -1,0 +1,223 @@
+"""Jobs as AWX runs them: ansible-runner's Python API, credentials injected from docs/awx/credential_types.
+
+An SCM-like project (an inventory source with `plugin: virtfleet.core.hypervisors`, a fleet file, a playbook
+importing virtfleet.core.apply) in a private data directory; the vSphere, libvirt-over-SSH and Redfish
+credential types rendered the way AWX renders them (tests/integration/awx.py), with sentinel secrets where
+the lab takes any. The inventory update, the apply job and its rerun go through ansible-runner; its events,
+stats and artifact data are checked, and every file it wrote is scanned for the injected secrets. Then the apply
+runs as AWX job slicing runs it: N jobs at once, each with its slice of the hypervisors as --limit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import ansible_runner
+import pytest
+import yaml
+from awx import Injected, inject
+from conftest import BIN, remove_libvirt_guests
+
+SLICES = 3
+
+
+def credentials(lab: Dict[str, Any], pdd: Path, key: str) -> Tuple[Dict[str, str], List[str]]:
+    """The three credentials of the job, injected into PDD: their environment and the secrets to look for."""
+    ssh = lab["libvirt"]["ssh"]
+    injected: List[Injected] = [
+        inject("vsphere", {"host": lab["vcsim"]["vcenter"]["address"], "username": lab["username"],
+                           "password": lab["password"], "validate_certs": False}, pdd),
+        inject("libvirt_ssh", {"uri": f"qemu+libssh://{ssh['host']}:{ssh['port']}/system",
+                               "username": ssh["user"], "ssh_key_data": key,
+                               "known_hosts": Path(ssh["known_hosts"]).read_text()}, pdd),
+        # sushy-emulator takes any login: the password is a sentinel, so that its absence can be checked.
+        inject("redfish", {"uri": lab["redfish"]["url"].replace("http://", "redfish+http://"),
+                           "username": "vfbmc", "password": f"vfsentinel-{uuid.uuid4().hex}"}, pdd),
+    ]
+    env: Dict[str, str] = {}
+    for one in injected:
+        assert not set(env) & set(one.env), "two credentials inject the same variable"
+        env.update(one.env)
+    secrets = [s for one in injected for s in one.secrets]
+    # A private key is found by any of its lines too (a log that wrapped it).
+    secrets += [line for line in key.splitlines() if len(line) > 20 and "PRIVATE KEY" not in line]
+    return env, secrets
+
+
+def project(lab: Dict[str, Any], pdd: Path, fleet: str, prefix: str) -> Path:
+    """The SCM project of the job templates: inventory source, fleet file, playbook."""
+    proj = pdd / "project"
+    proj.mkdir(parents=True)
+    (proj / "lab.hypervisors.yml").write_text(yaml.safe_dump({
+        "plugin": "virtfleet.core.hypervisors",
+        "endpoints": ["{{ lookup('ansible.builtin.env', 'VIRTFLEET_LIBVIRT_URI') }}",
+                      "vsphere://{{ lookup('ansible.builtin.env', 'VMWARE_HOST') }}",
+                      f"vsphere://{lab['vcsim']['esx01']['address']}",
+                      "{{ lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_URI') }}"],
+        "credentials": [{"match": lab["redfish"]["url"].split("//")[1].split(":")[0],
+                         "username": "{{ lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_USER') }}",
+                         "password": "{{ lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_PASSWORD') }}"}],
+        "guests": True, "timeout": 5}))
+    (proj / "apply.yml").write_text(yaml.safe_dump([{"name": "Fleet apply",
+                                                     "ansible.builtin.import_playbook": "virtfleet.core.apply"}]))
+    net = lab["libvirt"]["network"]
+    (proj / "fleet.yml").write_text(yaml.safe_dump({
+        "name": fleet,
+        "defaults": {"memory_mib": 64, "vcpus": 1, "nics": [{"network": "prod"}]},
+        "hypervisors": [{"type": "kvm", "networks": {"prod": net}, "domain_type": lab["domain_type"],
+                         "cpu_ratio": 16},
+                        {"type": "esxi", "networks": {"prod": "VM Network"}, "cpu_ratio": 16}],
+        "guests": [{"name": f"{prefix}-kvm-{i}", "hypervisor_type": "kvm"} for i in range(2)]
+        + [{"name": f"{prefix}-esx-{i}", "hypervisor_type": "esxi", "anti_affinity": "esx"} for i in range(4)],
+    }))
+    return proj
+
+
+@pytest.fixture()
+def job(lab: Dict[str, Any], ansible_env: Dict[str, str], tmp_path: Path, libvirt_conn: Any) -> Iterator[Any]:
+    tag = uuid.uuid4().hex[:6]
+    ctx = {"lab": lab, "base_env": {k: v for k, v in ansible_env.items() if k.startswith("ANSIBLE_")},
+           "dir": tmp_path, "fleet": f"vftest-awx-{tag}", "prefix": f"vftest-awx{tag}",
+           "key": Path(lab["libvirt"]["ssh"]["private_key"]).read_text()}
+    yield ctx
+    # Every guest of the fleet, wherever it is: an empty fleet of the same name with prune.
+    pdd = tmp_path / "cleanup"
+    proj = project(lab, pdd, ctx["fleet"], ctx["prefix"])
+    (proj / "fleet.yml").write_text(yaml.safe_dump({"name": ctx["fleet"], "prune": True, "allow_empty": True,
+                                                    "guests": []}))
+    run_job(ctx, pdd, proj, {"fleet_remove_storage": True})
+    domains = [d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(ctx["prefix"])]
+    remove_libvirt_guests(libvirt_conn, lab["libvirt"]["pool"], domains)
+
+
+def run_job(ctx: Dict[str, Any], pdd: Path, proj: Path, extravars: Dict[str, Any], limit: str = "",
+            key: str = "") -> Tuple[Any, List[str]]:
+    """One AWX-style job: credentials injected into PDD, then ansible-runner on the project's apply.yml."""
+    env, secrets = credentials(ctx["lab"], pdd, key or ctx["key"])
+    result = ansible_runner.run(
+        private_data_dir=str(pdd), project_dir=str(proj), playbook="apply.yml",
+        inventory=str(proj / "lab.hypervisors.yml"), envvars={**ctx["base_env"], **env},
+        extravars={"fleet_file": str(proj / "fleet.yml"), "fleet_out": str(pdd / "out"), **extravars},
+        limit=limit or None, quiet=True, ident="job")
+    return result, secrets
+
+
+def scan(pdd: Path, secrets: List[str], injected_files: List[Path]) -> int:
+    """Every file ansible-runner wrote under PDD (stdout, job events, artifacts, env) but the credential files
+    AWX itself writes: none may hold a secret. Returns how many files were read."""
+    count = 0
+    for path in sorted(p for p in pdd.rglob("*") if p.is_file()):
+        if path in injected_files or path.parent.name == "credentials":
+            continue
+        text = path.read_text(errors="replace")
+        found = [s for s in secrets if s in text]
+        assert not found, f"{path.relative_to(pdd)} holds an injected secret"
+        count += 1
+    return count
+
+
+def stats_of(result: Any) -> Dict[str, Any]:
+    return next(e["event_data"] for e in result.events if e["event"] == "playbook_on_stats")
+
+
+def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) -> None:
+    lab, pdd = job["lab"], job["dir"] / "job"
+    proj = project(lab, pdd, job["fleet"], job["prefix"])
+    env, secrets = credentials(lab, pdd, job["key"])
+
+    # The inventory update, as AWX runs it: ansible-inventory through ansible-runner.
+    out, err = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
+                                            envvars={**job["base_env"], **env}, quiet=True)
+    groups = out
+    kvm = lab["libvirt_hostname"]
+    assert kvm in groups["kvm"]["hosts"] + groups.get("qemu", {}).get("hosts", []), err
+    assert {"DC0_C0_H0", lab["vcsim"]["esx01"]["address"]} <= set(groups["esxi"]["hosts"]), err
+    assert groups["bmcs"]["hosts"] and not groups.get("unreachable", {}).get("hosts")
+    uri = groups["_meta"]["hostvars"][kvm]["virtfleet_hypervisor"]["endpoint"]
+    assert uri.startswith("qemu+libssh://root@"), uri
+    assert not any(s in json.dumps(out) + err for s in secrets)
+
+    result, secrets = run_job(job, pdd, proj, {})
+    assert (result.status, result.rc) == ("successful", 0), result.stdout.read()[-3000:]
+    events = list(result.events)
+    stats = stats_of(result)
+    hosts = sorted(set(stats["ok"]) | set(stats.get("skipped", {})))
+    assert set(groups["hypervisors"]["hosts"]) <= set(hosts)
+    assert not stats["failures"] and not stats["dark"]
+    assert sum(stats["changed"].values()) >= 1
+    plan = json.loads((pdd / "out" / "plan.json").read_text())
+    assert sorted(g["action"] for g in plan["guests"]) == ["create"] * 6
+    assert stats["artifact_data"]["virtfleet_plan"]["digest"] == plan["digest"]
+    files = scan(pdd, secrets, [])
+
+    # The rerun (a schedule): nothing changes on any host.
+    again, secrets = run_job(job, pdd, proj, {})
+    assert again.status == "successful"
+    rerun = stats_of(again)
+    assert sum(rerun["changed"].values()) == 0 and not rerun["failures"]
+    files += scan(pdd, secrets, [])
+    print(f"awx job: {len(events)} + {len(list(again.events))} events checked, {files} files scanned, "
+          "secrets found: 0")
+
+
+def test_job_slicing_converges_the_union_once(job: Dict[str, Any]) -> None:
+    """AWX job slicing: N jobs at the same time, slice i holding every N-th hypervisor (i, i+N, ...)."""
+    lab = job["lab"]
+    first = job["dir"] / "inventory"
+    proj = project(lab, first, job["fleet"], job["prefix"])
+    env, _ = credentials(lab, first, job["key"])
+    out, err = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
+                                            envvars={**job["base_env"], **env}, quiet=True)
+    hypervisors = sorted(out["hypervisors"]["hosts"])
+    slices = [hypervisors[i::SLICES] for i in range(SLICES)]
+
+    def one(i: int) -> Tuple[Any, Dict[str, Any]]:
+        pdd = job["dir"] / f"slice{i}"
+        sproj = project(lab, pdd, job["fleet"], job["prefix"])
+        result, secrets = run_job(job, pdd, sproj, {}, limit=",".join(slices[i]))
+        scan(pdd, secrets, [])
+        return result, json.loads((pdd / "out" / "plan.json").read_text())
+
+    with concurrent.futures.ThreadPoolExecutor(SLICES) as pool:
+        done = list(pool.map(one, range(SLICES)))
+    for result, _ in done:
+        assert result.status == "successful", result.stdout.read()[-3000:]
+    created = [g["name"] for _, plan in done for g in plan["guests"] if g["action"] == "create"]
+    assert sorted(created) == sorted(set(created)), "a guest was created by two slices"
+    # The whole fleet, once: a plan of the whole fleet finds nothing to do, and each guest on one hypervisor.
+    check = job["dir"] / "after"
+    cproj = project(lab, check, job["fleet"], job["prefix"])
+    env, _ = credentials(lab, check, job["key"])
+    subprocess.run([str(BIN / "ansible-playbook"), "-i", str(cproj / "lab.hypervisors.yml"), "virtfleet.core.plan",
+                    "-e", f"fleet_file={cproj / 'fleet.yml'}", "-e", f"fleet_out={check / 'out'}"],
+                   env={**job["base_env"], **env, "PATH": str(BIN) + ":/usr/bin:/bin"}, check=True,
+                   capture_output=True, text=True, timeout=600)
+    plan = json.loads((check / "out" / "plan.json").read_text())
+    assert {g["action"] for g in plan["guests"]} == {"none"} and len(plan["guests"]) == 6
+    assert sorted(created) == sorted(g["name"] for g in plan["guests"])
+
+
+def test_wrong_key_fails_the_job_in_one_line_without_secrets(job: Dict[str, Any]) -> None:
+    """A libvirt-over-SSH credential with another private key: the job fails, saying why, and no event holds
+    the key or any other injected secret."""
+    lab = job["lab"]
+    pdd = job["dir"] / "wrong"
+    proj = project(lab, pdd, job["fleet"], job["prefix"])
+    (proj / "lab.hypervisors.yml").write_text(yaml.safe_dump({
+        "plugin": "virtfleet.core.hypervisors", "timeout": 5,
+        "endpoints": ["{{ lookup('ansible.builtin.env', 'VIRTFLEET_LIBVIRT_URI') }}"]}))
+    keygen = job["dir"] / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keygen)], check=True)
+    result, secrets = run_job(job, pdd, proj, {}, key=keygen.read_text())
+    assert result.status == "failed"
+    failed = [e for e in result.events if e["event"] == "runner_on_failed"]
+    assert len(failed) == 1
+    msg = failed[0]["event_data"]["res"]["msg"]
+    assert msg.startswith("no hypervisor was discovered (unreachable: ") and "\n" not in msg, msg
+    assert "127.0.10.40" in msg or "libssh" in msg, msg
+    assert scan(pdd, secrets, []) > 0
