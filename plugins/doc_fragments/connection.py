@@ -20,6 +20,8 @@ options:
       - A libvirt URI that makes libvirt run a program (the C(ext) transport, C(command=), C(netcat=)) is refused
         unless O(allow_uri_commands=true).
       - A libvirt URI with C(no_verify=1) is refused while O(validate_certs=true).
+      - V(qemu+libssh://user@host/system?keyfile=/path/key&known_hosts=/path/known_hosts) checks the SSH host key
+        against that known_hosts file; C(known_hosts_verify=ignore) or C(auto) is refused while O(validate_certs=true).
     type: str
     required: true
   username:

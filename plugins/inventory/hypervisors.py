@@ -55,6 +55,9 @@ options:
         Redfish URI. A libvirt URI that runs a program (the C(ext) transport, C(command=), C(netcat=)) is refused
         unless O(allow_uri_commands=true); C(no_verify=1) in a libvirt URI is refused unless C(validate_certs)
         is false for that endpoint.
+      - V(qemu+libssh://user@host/system?keyfile=/path/key&known_hosts=/path/known_hosts) checks the SSH host key
+        against that known_hosts file; C(known_hosts_verify=ignore) or C(auto) is refused unless C(validate_certs)
+        is false for that endpoint.
       - A plain string item is taken as a C(uri).
       - When empty, E(LIBVIRT_DEFAULT_URI) is used if set.
     type: list

@@ -12,8 +12,8 @@ import math
 import os
 import re
 import ssl
-from typing import Any, Dict, List, Optional, Sequence
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import unquote, urlsplit
 
 from ansible.module_utils.parsing.convert_bool import boolean
 
@@ -31,6 +31,10 @@ PLAINTEXT_LIBVIRT_PORTS = (16509,)
 # the ssh transports run `netcat=` (a shell command line) on the remote one.
 LIBVIRT_COMMAND_PARAMS = ("command", "netcat")
 LIBVIRT_COMMAND_TRANSPORTS = ("ext",)
+# known_hosts_verify of the libssh and libssh2 transports: ignore skips the SSH host key check, auto accepts (and
+# writes into known_hosts) the key of any host not in it yet; only normal (the default) checks the key.
+UNCHECKED_HOST_KEY_MODES = {"ignore": "turns off SSH host key checks",
+                            "auto": "accepts any SSH host key that is not in known_hosts yet"}
 # Bounds of the numeric options shared by the modules and the inventory plugin.
 MAX_TIMEOUT = 3600.0
 MAX_WORKERS = 256
@@ -103,6 +107,18 @@ def _scheme_family(scheme: str) -> Optional[str]:
     return None
 
 
+def libvirt_uri_params(uri: str) -> List[Tuple[str, str]]:
+    """(name, value) of each query parameter of a libvirt URI, as libvirt may read them: libvirt splits the query
+    at ``&`` and, where no ``&`` follows, at ``;``, decodes %-escapes and matches names case-insensitively. Split
+    here at both, so that every parameter libvirt sees is seen here too; names are lower-cased."""
+    params = []
+    for part in re.split(r"[&;]", urlsplit(uri).query):
+        if part:
+            name, _sep, value = part.partition("=")
+            params.append((unquote(name).strip().lower(), unquote(value)))
+    return params
+
+
 def parse_endpoint(uri: str, option: str = "uri", allow_uri_commands: bool = False) -> Endpoint:
     """Parse one endpoint URI; a bad one raises ConfigError naming OPTION and the value (never a password).
 
@@ -143,7 +159,7 @@ def parse_endpoint(uri: str, option: str = "uri", allow_uri_commands: bool = Fal
         default_port = 80 if parts.scheme == "redfish+http" else 443
         return Endpoint(api=family, uri=uri, host=host, port=port or default_port)
     transport = parts.scheme.split("+", 1)[1] if "+" in parts.scheme else ""
-    params = {key.lower() for key, _value in parse_qsl(parts.query, keep_blank_values=True)}
+    params = {key for key, _value in libvirt_uri_params(uri)}
     runs = sorted(params & set(LIBVIRT_COMMAND_PARAMS))
     if not allow_uri_commands and (transport in LIBVIRT_COMMAND_TRANSPORTS or runs):
         what = f"the parameter {runs[0]}=" if runs else f"the {transport} transport"
@@ -153,14 +169,24 @@ def parse_endpoint(uri: str, option: str = "uri", allow_uri_commands: bool = Fal
 
 
 def check_transport(endpoint: Endpoint, option: str = "uri") -> None:
-    """TLS settings of ENDPOINT's URI that contradict its credentials: libvirt's no_verify=1 would turn off
-    the certificate check that validate_certs: true asks for, so it is refused rather than silently winning."""
+    """Settings of ENDPOINT's URI that contradict its credentials, refused rather than silently winning over the
+    checks validate_certs: true asks for: libvirt's no_verify=1 turns off the TLS certificate check (and, on the
+    ssh transport, OpenSSH's strict host key check); known_hosts_verify=ignore or auto (libssh, libssh2) lets a
+    host key through that is not in known_hosts."""
     if endpoint.api != "libvirt" or not endpoint.credentials.validate_certs:
         return
-    for key, value in parse_qsl(urlsplit(endpoint.uri).query, keep_blank_values=True):
-        if key.lower() == "no_verify" and value.strip() not in ("", "0"):
-            raise ConfigError(option, endpoint.uri, "no_verify turns off TLS certificate checks while "
-                                                    "validate_certs is true; remove it, or set validate_certs: false")
+    scheme = urlsplit(endpoint.uri).scheme.lower()
+    checks = "SSH host key checks" if scheme.endswith("+ssh") else "TLS certificate checks"
+    for key, value in libvirt_uri_params(endpoint.uri):
+        if key == "no_verify" and value.strip() not in ("", "0"):
+            raise ConfigError(option, endpoint.uri, f"no_verify turns off {checks} while validate_certs is true; "
+                                                    "remove it, or set validate_certs: false")
+        mode = value.strip().lower()
+        if key == "known_hosts_verify" and mode in UNCHECKED_HOST_KEY_MODES:
+            raise ConfigError(option, endpoint.uri, f"known_hosts_verify={mode} {UNCHECKED_HOST_KEY_MODES[mode]} "
+                                                    "while validate_certs is true; remove it (the default, normal, "
+                                                    "checks the key against known_hosts), or set "
+                                                    "validate_certs: false")
 
 
 def check_bounds(option: str, value: Any, upper: float, integer: bool = False) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -111,3 +113,31 @@ def test_lab_up_is_idempotent(lab: dict[str, Any]) -> None:
     again = lab_module.up()
     assert {p.stem: p.read_text() for p in lab_module.RUN.glob("*.pid")} == pids
     assert again["password"] == lab["password"]
+
+
+def test_lab_sshd_takes_the_lab_key_only_on_its_own_address(lab: dict[str, Any]) -> None:
+    ssh = lab["libvirt"]["ssh"]
+    assert ssh["uri"] == f"qemu+libssh://{ssh['user']}@{ssh['host']}:{ssh['port']}/system"
+    assert ssh["host"].startswith("127.")
+    for path in (ssh["private_key"], ssh["known_hosts"]):
+        assert Path(path).stat().st_mode & 0o077 == 0
+    assert Path(ssh["known_hosts"]).read_text().startswith(f"[{ssh['host']}]:{ssh['port']} ssh-ed25519 ")
+    assert "PRIVATE KEY" not in lab_module.STATE_FILE.read_text()  # paths only
+    # What sshd itself makes of its configuration.
+    config = lab_module.ssh_files().config
+    effective = subprocess.run(["/usr/sbin/sshd", "-T", "-f", str(config)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    for line in (f"listenaddress {ssh['host']}:{ssh['port']}", "passwordauthentication no",
+                 "kbdinteractiveauthentication no", "permitrootlogin without-password", "usepam no",
+                 "allowtcpforwarding no", "allowagentforwarding no", "x11forwarding no", "permittunnel no",
+                 "strictmodes yes"):
+        assert line in effective
+    assert sum(1 for line in effective if line.startswith("listenaddress ")) == 1
+    client = ["ssh", "-F", "/dev/null", "-p", str(ssh["port"]), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+              "-o", f"UserKnownHostsFile={ssh['known_hosts']}", "-o", "StrictHostKeyChecking=yes"]
+    ok = subprocess.run([*client, "-i", ssh["private_key"], f"{ssh['user']}@{ssh['host']}", "true"],
+                        capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stderr
+    no_key = subprocess.run([*client, "-o", "PubkeyAuthentication=no", f"{ssh['user']}@{ssh['host']}", "true"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert no_key.returncode == 255 and "Permission denied (publickey)" in no_key.stderr

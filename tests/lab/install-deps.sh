@@ -16,6 +16,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# No service may start from a package's maintainer scripts (openssh-server's would start sshd on 0.0.0.0:22;
+# the lab runs its own on a loopback address): a policy-rc.d that refuses every start (101) for the time of the
+# install, removed afterwards. A policy-rc.d the machine already has is left as it is.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ] && [ ! -L "$policy" ]; then
+  printf '#!/bin/sh\n# written by virtfleet install-deps for the time of an apt-get install\nexit 101\n' >"$policy"
+  chmod 0755 "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
 apt-get update -qq
 # No recommends: they would pull in dnsmasq and a default NAT network the lab does not want.
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

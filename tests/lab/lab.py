@@ -1,4 +1,4 @@
-"""The local hypervisor lab: libvirt (KVM or TCG), vcsim ESXi/vCenter endpoints, sushy Redfish BMCs.
+"""The local hypervisor lab: libvirt (KVM or TCG, also over SSH), vcsim ESXi/vCenter endpoints, sushy Redfish BMCs.
 
 Usage: lab.py up | down | status [--json]
 
@@ -34,7 +34,9 @@ import libvirt
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 REPO = Path(__file__).resolve().parents[2]
-LAB = REPO / ".lab"
+# By its real path: .lab may be a link to another checkout's lab, and the paths written into state.json and into
+# the lab's own config files (sshd's) must stay valid when this checkout goes away.
+LAB = (REPO / ".lab").resolve()
 RUN = LAB / "run"
 LOG = LAB / "log"
 STATE_FILE = LAB / "state.json"
@@ -74,6 +76,16 @@ VCSIM_ENDPOINTS = (
 )
 SUSHY_ADDR = "127.0.10.20"
 SUSHY_PORT = 8000
+# libvirt over SSH: the lab's own sshd (not the system's) in front of the lab's libvirtd.
+SSH_ADDR = "127.0.10.40"
+SSH_PORT = 2222
+SSH_DIR = LAB / "ssh"
+SSHD_BIN = "/usr/sbin/sshd"  # sshd re-executes itself for every connection: it must be started by absolute path
+SSHD_PRIVSEP_DIR = Path("/run/sshd")
+# libssh (not qemu+ssh, which runs OpenSSH's client with ~/.ssh/known_hosts) takes the key and the known_hosts
+# file in the URI, and refuses a host key that is not in that file.
+SSH_TRANSPORT = "libssh"
+SSH_URI = f"qemu+{SSH_TRANSPORT}://{LAB_USER}@{SSH_ADDR}:{SSH_PORT}/system"
 
 
 _T0 = time.monotonic()
@@ -462,6 +474,123 @@ def start_sushy() -> None:
                     "--libvirt-uri", SYSTEM_URI])
 
 
+# ---------------------------------------------------------------------------------------------- sshd
+@dataclasses.dataclass(frozen=True)
+class SshFiles:
+    """The lab sshd's files."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "sshd_config"
+
+    @property
+    def host_key(self) -> Path:
+        return self.root / "host_ed25519_key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.root / "id_ed25519"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.root / "authorized_keys"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "known_hosts"
+
+
+def ssh_files() -> SshFiles:
+    return SshFiles(SSH_DIR)
+
+
+def public_key(key: Path) -> str:
+    """'ssh-ed25519 AAAA...' of a key pair made by ssh-keygen (its comment left out)."""
+    kind, blob = key.with_name(key.name + ".pub").read_text().split()[:2]
+    return f"{kind} {blob}"
+
+
+def sshd_config(files: SshFiles) -> str:
+    """Public-key logins of the lab user on one loopback address, and nothing else: no password, no PAM, no
+    forwarding of any kind, no TTY; the key is also marked `restrict` in authorized_keys."""
+    return "\n".join([
+        "# The virtfleet lab's sshd (tests/lab/lab.py writes this file): libvirt over SSH to the lab's libvirtd.",
+        f"ListenAddress {SSH_ADDR}:{SSH_PORT}",
+        f"HostKey {files.host_key}",
+        f"PidFile {pid_file('sshd')}",  # the file spawn() writes, with the same PID (sshd -D does not fork)
+        f"AuthorizedKeysFile {files.authorized_keys}",
+        f"AllowUsers {LAB_USER}",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "HostbasedAuthentication no",
+        "UsePAM no",
+        # The key files and every directory above them are root's and not writable by others (checked by sshd).
+        "StrictModes yes",
+        "AllowTcpForwarding no",
+        "AllowStreamLocalForwarding no",
+        "AllowAgentForwarding no",
+        "X11Forwarding no",
+        "PermitTunnel no",
+        "GatewayPorts no",
+        "PermitTTY no",
+        "PermitUserEnvironment no",
+        "PrintMotd no",
+        "LogLevel VERBOSE",
+        "",
+    ])
+
+
+def ensure_ssh_files() -> SshFiles:
+    """Host key and the lab user's key pair (made once), authorized_keys, known_hosts and sshd_config."""
+    SSH_DIR.mkdir(parents=True, exist_ok=True)
+    SSH_DIR.chmod(0o700)
+    files = ssh_files()
+    for key, comment in ((files.host_key, "virtfleet-lab-sshd"), (files.client_key, "virtfleet-lab-client")):
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+                           check=True, stdin=subprocess.DEVNULL)
+            log(f"generated {key.name} in {SSH_DIR}")
+    for path, text in ((files.authorized_keys, f"restrict {public_key(files.client_key)} virtfleet-lab-client\n"),
+                       (files.known_hosts, f"[{SSH_ADDR}]:{SSH_PORT} {public_key(files.host_key)}\n"),
+                       (files.config, sshd_config(files))):
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        path.chmod(0o600)
+    return files
+
+
+def ssh_answers() -> bool:
+    """Whether an SSH server greets on the lab's SSH address."""
+    with socket.create_connection((SSH_ADDR, SSH_PORT), timeout=2) as sock:
+        return sock.recv(64).startswith(b"SSH-2.0-")
+
+
+def start_sshd() -> SshFiles:
+    files = ensure_ssh_files()
+    if read_pid("sshd") is not None:
+        return files
+    if port_open(SSH_ADDR, SSH_PORT):
+        raise SystemExit(f"lab: {SSH_ADDR}:{SSH_PORT} is taken by a process the lab did not start")
+    # sshd's privilege separation directory; systemd's tmpfiles makes it where systemd runs.
+    SSHD_PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    check = subprocess.run([SSHD_BIN, "-t", "-f", str(files.config)], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise SystemExit(f"lab: sshd refuses {files.config}: {check.stderr.strip()}")
+    # -D: in the foreground (the PID recorded is sshd's), -e: its log to stderr, that is .lab/log/sshd.log.
+    spawn("sshd", [SSHD_BIN, "-D", "-e", "-f", str(files.config)])
+    return files
+
+
+def ssh_state(files: SshFiles) -> dict[str, Any]:
+    """How to reach the lab's libvirtd over SSH; paths only (state.json holds no key material)."""
+    return {"uri": SSH_URI, "transport": SSH_TRANSPORT, "user": LAB_USER, "host": SSH_ADDR, "port": SSH_PORT,
+            "private_key": str(files.client_key), "known_hosts": str(files.known_hosts)}
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def up() -> dict[str, Any]:
     if os.geteuid() != 0:
@@ -484,13 +613,16 @@ def up() -> dict[str, Any]:
     for ep in VCSIM_ENDPOINTS:
         start_vcsim(ep, state["password"])
     start_sushy()
-    log("waiting for vcsim and sushy-emulator")
+    ssh = start_sshd()
+    log("waiting for vcsim, sushy-emulator and sshd")
     for ep in VCSIM_ENDPOINTS:
         wait_for(f"vcsim {ep.name} on {ep.address}", lambda ep=ep: vcsim_answers(ep.address, ep.port))
     wait_for("sushy-emulator", sushy_answers)
+    wait_for(f"sshd on {SSH_ADDR}:{SSH_PORT}", ssh_answers)
     state.update(
         username=LAB_USER,
         libvirt={"uri": SYSTEM_URI, "tcp_uri": LIBVIRT_TCP_URI if state["libvirtd_owned"] else None,
+                 "ssh": ssh_state(ssh),
                  "pool": POOL_NAME, "network": NETWORK_NAME, "domains": list(DISCOVERY_DOMAINS)},
         vcsim={ep.name: {"address": ep.address, "port": ep.port, "mode": ep.mode} for ep in VCSIM_ENDPOINTS},
         redfish={"url": f"http://{SUSHY_ADDR}:{SUSHY_PORT}"},
@@ -542,12 +674,18 @@ def status(as_json: bool) -> int:
     except OSError:
         pass
     rows.append(("bmc", f"http://{SUSHY_ADDR}:{SUSHY_PORT}/redfish/v1", "Redfish (sushy-emulator)", ok))
+    ok = False
+    try:
+        ok = ssh_answers()
+    except OSError:
+        pass
+    rows.append(("libvirt-ssh", SSH_URI, "libvirtd over SSH (the lab's sshd)", ok))
     if as_json:
         print(json.dumps([{"name": n, "endpoint": e, "what": w, "up": u} for n, e, w, u in rows], indent=2))
     else:
-        print(f"{'NAME':<12} {'UP':<5} {'ENDPOINT':<40} WHAT")
+        print(f"{'NAME':<12} {'UP':<5} {'ENDPOINT':<44} WHAT")
         for n, e, w, u in rows:
-            print(f"{n:<12} {'yes' if u else 'NO':<5} {e:<40} {w}")
+            print(f"{n:<12} {'yes' if u else 'NO':<5} {e:<44} {w}")
         if state.get("domain_type"):
             print(f"guest domain type: {state['domain_type']}")
     return 0 if all(r[3] for r in rows) else 1

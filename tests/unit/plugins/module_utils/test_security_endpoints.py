@@ -87,6 +87,62 @@ def test_no_verify_zero_is_not_a_contradiction() -> None:
     check_transport(endpoint)
 
 
+# ------------------------------------------------------------------------------------------------ issue 12
+SSH_FILES = "keyfile=/runner/env/ssh_key&known_hosts=/runner/env/known_hosts"
+
+
+@pytest.mark.parametrize("uri", [
+    f"qemu+libssh://root@kvm01:2222/system?{SSH_FILES}&sshauth=privkey",
+    f"qemu+libssh2://root@kvm01/system?{SSH_FILES}&known_hosts_verify=normal",
+    "qemu+libssh://kvm01/system",
+])
+def test_libssh_transports_with_a_key_and_a_known_hosts_file_are_accepted(uri: str) -> None:
+    endpoint = with_credentials(parse_endpoint(uri, "endpoints[0].uri"), Credentials())
+    check_transport(endpoint, "endpoints[0].uri")  # keyfile= and known_hosts= run nothing and check the host key
+    assert endpoint.api == "libvirt" and endpoint.host == "kvm01" and endpoint.uri == uri
+
+
+@pytest.mark.parametrize(("query", "mode"), [
+    (f"{SSH_FILES}&known_hosts_verify=ignore", "ignore"),
+    (f"{SSH_FILES}&known_hosts_verify=auto", "auto"),
+    ("Known_Hosts_Verify=IGNORE", "ignore"),  # libvirt reads names and these values case-insensitively
+    ("known%5Fhosts%5Fverify=ign%6Fre", "ignore"),  # and decodes %-escapes
+    ("keyfile=/k;known_hosts_verify=ignore", "ignore"),  # and splits at ; where no & follows
+    (f"{SSH_FILES}&sshauth=privkey;known_hosts_verify=auto", "auto"),
+])
+@pytest.mark.parametrize("transport", ["libssh", "libssh2"])
+def test_known_hosts_verify_that_lets_any_host_key_through_is_refused_while_validate_certs(
+        transport: str, query: str, mode: str) -> None:
+    uri = f"qemu+{transport}://root@kvm01/system?{query}"
+    endpoint = with_credentials(parse_endpoint(uri), Credentials())
+    with pytest.raises(ConfigError) as err:
+        check_transport(endpoint, "endpoints[3].uri")
+    text = str(err.value)
+    assert text.startswith("endpoints[3].uri=") and "\n" not in text
+    assert f"known_hosts_verify={mode} " in text and "while validate_certs is true" in text
+    assert ("turns off SSH host key checks" if mode == "ignore" else "not in known_hosts yet") in text
+    check_transport(with_credentials(endpoint, Credentials(validate_certs=False)))  # the user's explicit choice
+
+
+def test_known_hosts_verify_is_checked_before_any_traffic() -> None:
+    base = {"uri": f"qemu+libssh://root@kvm01/system?{SSH_FILES}&known_hosts_verify=ignore", "timeout": 10.0,
+            "validate_certs": True}
+    with pytest.raises(ConfigError, match="known_hosts_verify=ignore turns off SSH host key checks"):
+        endpoint_from_params(base)
+    assert endpoint_from_params(dict(base, validate_certs=False)).credentials.validate_certs is False
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("qemu+ssh://kvm01/system?socket=/run/x;netcat=sh", "the parameter netcat= makes libvirt run a program"),
+    ("qemu+ssh://kvm01/system?Net%63at=sh", "the parameter netcat= makes libvirt run a program"),
+    ("qemu+tls://kvm01/system?pkipath=/p;no_verify=1", "no_verify turns off TLS certificate checks"),
+    ("qemu+ssh://kvm01/system?no_verify=1", "no_verify turns off SSH host key checks"),
+])
+def test_uri_parameters_are_read_as_libvirt_reads_them(uri: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_transport(with_credentials(parse_endpoint(uri), Credentials()))
+
+
 # ------------------------------------------------------------------------------------------------ defect 8
 class Recorder(HypervisorBackend):
     """Identifies as whatever is asked; records the URIs a probe tried."""
