@@ -104,3 +104,22 @@ def run_module(ansible_env: dict[str, str]) -> Any:
         return result
 
     return run
+
+
+COLLECTION = REPO / ".build" / "ansible_collections" / "virtfleet" / "core"
+
+
+def build_collection(source: Path, dest: Path) -> Path:
+    """`ansible-galaxy collection build` of the collection tree SOURCE into DEST; the tarball's path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([str(BIN / "ansible-galaxy"), "collection", "build", "--force", "--output-path", str(dest)],
+                          cwd=source, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (tarball,) = dest.glob("*.tar.gz")
+    return tarball
+
+
+@pytest.fixture(scope="session")
+def collection_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The collection tarball as Galaxy gets it, built from the copy `make collection` made."""
+    return build_collection(COLLECTION, tmp_path_factory.mktemp("dist"))
