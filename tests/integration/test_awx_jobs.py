@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -79,7 +80,10 @@ def project(lab: Dict[str, Any], pdd: Path, fleet: str, prefix: str) -> Path:
 
 
 @pytest.fixture()
-def job(lab: Dict[str, Any], ansible_env: Dict[str, str], tmp_path: Path, libvirt_conn: Any) -> Iterator[Any]:
+def job(lab: Dict[str, Any], ansible_env: Dict[str, str], tmp_path: Path, libvirt_conn: Any,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    # ansible-runner finds ansible-playbook and ansible-inventory on PATH, as in an execution environment.
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
     tag = uuid.uuid4().hex[:6]
     ctx = {"lab": lab, "base_env": {k: v for k, v in ansible_env.items() if k.startswith("ANSIBLE_")},
            "dir": tmp_path, "fleet": f"vftest-awx-{tag}", "prefix": f"vftest-awx{tag}",
@@ -103,16 +107,22 @@ def run_job(ctx: Dict[str, Any], pdd: Path, proj: Path, extravars: Dict[str, Any
         private_data_dir=str(pdd), project_dir=str(proj), playbook="apply.yml",
         inventory=str(proj / "lab.hypervisors.yml"), envvars={**ctx["base_env"], **env},
         extravars={"fleet_file": str(proj / "fleet.yml"), "fleet_out": str(pdd / "out"), **extravars},
-        limit=limit or None, quiet=True, ident="job")
+        limit=limit or None, quiet=True, ident=uuid.uuid4().hex, suppress_env_files=True)
     return result, secrets
 
 
 def scan(pdd: Path, secrets: List[str], injected_files: List[Path]) -> int:
-    """Every file ansible-runner wrote under PDD (stdout, job events, artifacts, env) but the credential files
-    AWX itself writes: none may hold a secret. Returns how many files were read."""
+    """Every file ansible-runner wrote under PDD (stdout, stderr, job events, status, rc, env/extravars, the
+    plan and report the job wrote) but the credential files AWX itself writes and ansible-runner's copy of its
+    input environment: none may hold a secret. Returns how many files were read."""
     count = 0
     for path in sorted(p for p in pdd.rglob("*") if p.is_file()):
         if path in injected_files or path.parent.name == "credentials":
+            continue
+        if path.name == "command" and path.parent.parent.name == "artifacts":
+            # ansible-runner's record of the command and of the environment it was handed, the injected
+            # variables included (as AWX's job env, which AWX redacts): private to the job, nothing wrote more.
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
             continue
         text = path.read_text(errors="replace")
         found = [s for s in secrets if s in text]
@@ -157,12 +167,17 @@ def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) 
     assert (result.status, result.rc) == ("successful", 0), result.stdout.read()[-3000:]
     events = list(result.events)
     stats = stats_of(result)
-    hosts = sorted(set(stats["ok"]) | set(stats.get("skipped", {})))
-    assert set(groups["hypervisors"]["hosts"]) <= set(hosts)
+    # The role runs once, on the controller, at the play's first hypervisor: that host alone has results.
+    assert len(stats["ok"]) == 1 and set(stats["ok"]) <= set(groups["hypervisors"]["hosts"]), stats
+    assert sum(stats["changed"].values()) >= 1 and set(stats["changed"]) == set(stats["ok"])
     assert not stats["failures"] and not stats["dark"]
-    assert sum(stats["changed"].values()) >= 1
     plan = json.loads((pdd / "out" / "plan.json").read_text())
     assert sorted(g["action"] for g in plan["guests"]) == ["create"] * 6
+    where = {g["name"]: g["hypervisor"] for g in plan["guests"]}
+    assert {where[f"{job['prefix']}-kvm-{i}"] for i in range(2)} == {kvm}
+    assert len({where[f"{job['prefix']}-esx-{i}"] for i in range(4)}) == 4  # anti-affinity over 4 ESXi
+    ok_events = [e for e in events if e["event"] == "runner_on_ok"]
+    assert ok_events and all(e["event_data"]["host"] in stats["ok"] for e in ok_events)
     assert stats["artifact_data"]["virtfleet_plan"]["digest"] == plan["digest"]
     files = scan(pdd, secrets, [])
 
@@ -170,7 +185,7 @@ def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) 
     again, secrets = run_job(job, pdd, proj, {})
     assert again.status == "successful"
     rerun = stats_of(again)
-    assert sum(rerun["changed"].values()) == 0 and not rerun["failures"]
+    assert sum(rerun["changed"].values()) == 0 and not rerun["failures"] and rerun["ok"]
     files += scan(pdd, secrets, [])
     print(f"awx job: {len(events)} + {len(list(again.events))} events checked, {files} files scanned, "
           "secrets found: 0")
