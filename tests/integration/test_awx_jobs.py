@@ -64,8 +64,9 @@ def project(lab: Dict[str, Any], pdd: Path, fleet: str, prefix: str) -> Path:
                          "username": "{{ lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_USER') }}",
                          "password": "{{ lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_PASSWORD') }}"}],
         "guests": True, "timeout": 5}))
-    (proj / "apply.yml").write_text(yaml.safe_dump([{"name": "Fleet apply",
-                                                     "ansible.builtin.import_playbook": "virtfleet.core.apply"}]))
+    for which in ("plan", "apply"):
+        play = {"name": f"Fleet {which}", "ansible.builtin.import_playbook": f"virtfleet.core.{which}"}
+        (proj / f"{which}.yml").write_text(yaml.safe_dump([play]))
     net = lab["libvirt"]["network"]
     (proj / "fleet.yml").write_text(yaml.safe_dump({
         "name": fleet,
@@ -100,11 +101,11 @@ def job(lab: Dict[str, Any], ansible_env: Dict[str, str], tmp_path: Path, libvir
 
 
 def run_job(ctx: Dict[str, Any], pdd: Path, proj: Path, extravars: Dict[str, Any], limit: str = "",
-            key: str = "") -> Tuple[Any, List[str]]:
-    """One AWX-style job: credentials injected into PDD, then ansible-runner on the project's apply.yml."""
+            key: str = "", playbook: str = "apply.yml") -> Tuple[Any, List[str]]:
+    """One AWX-style job: credentials injected into PDD, then ansible-runner on the project's PLAYBOOK."""
     env, secrets = credentials(ctx["lab"], pdd, key or ctx["key"])
     result = ansible_runner.run(
-        private_data_dir=str(pdd), project_dir=str(proj), playbook="apply.yml",
+        private_data_dir=str(pdd), project_dir=str(proj), playbook=playbook,
         inventory=str(proj / "lab.hypervisors.yml"), envvars={**ctx["base_env"], **env},
         extravars={"fleet_file": str(proj / "fleet.yml"), "fleet_out": str(pdd / "out"), **extravars},
         limit=limit or None, quiet=True, ident=uuid.uuid4().hex, suppress_env_files=True)
@@ -197,8 +198,8 @@ def test_job_slicing_converges_the_union_once(job: Dict[str, Any]) -> None:
     first = job["dir"] / "inventory"
     proj = project(lab, first, job["fleet"], job["prefix"])
     env, _ = credentials(lab, first, job["key"])
-    out, err = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
-                                            envvars={**job["base_env"], **env}, quiet=True)
+    out, _ = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
+                                          envvars={**job["base_env"], **env}, quiet=True)
     hypervisors = sorted(out["hypervisors"]["hosts"])
     slices = [hypervisors[i::SLICES] for i in range(SLICES)]
 
@@ -247,3 +248,34 @@ def test_wrong_key_fails_the_job_in_one_line_without_secrets(job: Dict[str, Any]
     assert msg.startswith("no hypervisor was discovered (unreachable: ") and "\n" not in msg, msg
     assert "127.0.10.40" in msg or "libssh" in msg, msg
     assert scan(pdd, secrets, []) > 0
+
+
+def test_workflow_plan_approval_apply_of_the_saved_plan(job: Dict[str, Any], libvirt_conn: Any) -> None:
+    """An AWX workflow: a plan job, an approval node, an apply job. AWX hands the plan job's artifact data
+    (set_stats: virtfleet_plan) to the apply job as extra vars; the apply changes nothing unless it is the
+    plan that was approved."""
+    lab = job["lab"]
+    planned, _ = run_job(job, job["dir"] / "plan", project(lab, job["dir"] / "plan", job["fleet"], job["prefix"]),
+                         {}, playbook="plan.yml")
+    assert planned.status == "successful", planned.stdout.read()[-3000:]
+    artifact = stats_of(planned)["artifact_data"]
+    assert sorted(g["action"] for g in artifact["virtfleet_plan"]["guests"]) == ["create"] * 6
+    assert not [d for d in libvirt_conn.listAllDomains(0) if d.name().startswith(job["prefix"])]
+
+    # Not the approved plan: one guest's placement edited. Refused, nothing made.
+    edited = json.loads(json.dumps(artifact))
+    edited["virtfleet_plan"]["guests"][0]["hypervisor"] = "somewhere-else"
+    pdd = job["dir"] / "edited"
+    refused, _ = run_job(job, pdd, project(lab, pdd, job["fleet"], job["prefix"]), edited)
+    assert refused.status == "failed"
+    msg = next(e for e in refused.events if e["event"] == "runner_on_failed")["event_data"]["res"]["msg"]
+    assert msg.startswith("fleet_plan_data: "), msg
+    assert not [d for d in libvirt_conn.listAllDomains(0) if d.name().startswith(job["prefix"])]
+
+    # The approved plan: applied as planned.
+    pdd = job["dir"] / "apply"
+    applied, _ = run_job(job, pdd, project(lab, pdd, job["fleet"], job["prefix"]), artifact)
+    assert applied.status == "successful", applied.stdout.read()[-3000:]
+    assert sum(stats_of(applied)["changed"].values()) >= 1
+    made = sorted(d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(job["prefix"]))
+    assert made == sorted(g["name"] for g in artifact["virtfleet_plan"]["guests"] if "-kvm-" in g["name"])

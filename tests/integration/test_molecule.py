@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import lab as lab_module
 from conftest import BIN, REPO
+
+import lab as lab_module
 
 
 def test_create_fails_in_one_line_when_the_lab_is_down(lab: dict[str, Any], ansible_env: dict[str, str],
