@@ -253,15 +253,32 @@ def probe_ports(ports: Any, option: str = "ports") -> List[int]:
     return out
 
 
+def password_from_file(path: Optional[str], option: str = "VIRTFLEET_PASSWORD_FILE") -> Optional[str]:
+    """The password in the file PATH (its first line), or None without a PATH. A password in a file (as an
+    AWX credential injects it) stays out of the environment, which every child process inherits and
+    ansible-runner records."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(option, path, f"cannot be read ({type(exc).__name__})") from None
+    if not first:
+        raise ConfigError(option, path, "is empty")
+    return first
+
+
 def env_credentials(username: Optional[str] = None, password: Optional[str] = None,
                     validate_certs: Optional[Any] = None, ca_path: Optional[str] = None,
                     option: str = "") -> Credentials:
-    """Fill what was not given from VMWARE_USER / VMWARE_PASSWORD / VMWARE_VALIDATE_CERTS (AWX injects these)
-    and VIRTFLEET_CA_PATH / REQUESTS_CA_BUNDLE. OPTION prefixes the option names in errors."""
+    """Fill what was not given from VMWARE_USER / VMWARE_PASSWORD / VMWARE_VALIDATE_CERTS (AWX injects these),
+    the file VIRTFLEET_PASSWORD_FILE names, and VIRTFLEET_CA_PATH / REQUESTS_CA_BUNDLE. OPTION prefixes the
+    option names in errors."""
     if username is None:
         username = os.environ.get("VMWARE_USER") or None
     if password is None:
-        password = os.environ.get("VMWARE_PASSWORD") or None
+        password = os.environ.get("VMWARE_PASSWORD") or password_from_file(os.environ.get("VIRTFLEET_PASSWORD_FILE"))
     if validate_certs is None:
         validate_certs = os.environ.get("VMWARE_VALIDATE_CERTS", True)
     if ca_path is None:

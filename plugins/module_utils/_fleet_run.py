@@ -25,7 +25,7 @@ from ._argspec import (
     placement_from_params,
 )
 from ._converge import RunOptions, converge, planned
-from ._endpoints import check_bounds
+from ._endpoints import check_bounds, env_credentials
 from ._errors import ConcurrentRunError, ConfigError, VirtfleetError, one_line
 from ._fleet import fleet_from_dict
 from ._fleet_plan import OPTIONS, build_plan
@@ -311,6 +311,9 @@ def secrets_of(params: Dict[str, Any], user_data: Optional[Dict[str, Any]] = Non
     the fleet file (USER_DATA, else read from fleet_file)."""
     found = [params["password"]] if params.get("password") else []
     try:
+        # The password an AWX credential left in a file (VIRTFLEET_PASSWORD_FILE) is as secret.
+        from_file = None if params.get("password") else env_credentials().password
+        found.extend([from_file] if from_file else [])
         if user_data is None:
             user_data = user_data_of(params.get("fleet_file"))
         found.extend(t for v in user_data.values() for t in secret_strings(v))

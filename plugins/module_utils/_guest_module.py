@@ -8,6 +8,7 @@ Errors become a failure exactly once, here; everything below raises domain excep
 from __future__ import annotations
 
 import copy
+import os
 import traceback
 from typing import Any, Dict, List
 
@@ -16,7 +17,7 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ._argspec import guest_argument_spec, placement_from_params, without_none
 from ._converge import RunOptions, converge, diff_of
-from ._endpoints import check_bounds, uri_password
+from ._endpoints import check_bounds, password_from_file, uri_password
 from ._errors import ConfigError, VirtfleetError, one_line
 from ._guest_read import guest_backend
 from ._model import GuestSpec, guest_spec_from_dict, owner_id
@@ -62,6 +63,13 @@ def hide_secrets(module: AnsibleModule) -> Dict[str, Any]:
     secret = uri_password(module.params.get("uri"))
     if secret:
         module.no_log_values.add(secret)
+    if not module.params.get("password") and not os.environ.get("VMWARE_PASSWORD"):
+        try:  # the password of an AWX credential's file injector is as secret as the option
+            secret = password_from_file(os.environ.get("VIRTFLEET_PASSWORD_FILE"))
+        except ConfigError:
+            secret = None  # reported, naming the variable, when the endpoint is built
+        if secret:
+            module.no_log_values.add(secret)
     params = copy.deepcopy(module.params)
     mask_user_data(module, params.get("guests"))
     for target in params.get("targets") or []:  # fleet_guests: each target's guests

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
@@ -81,6 +83,28 @@ def test_credentials_first_glob_wins_and_env_fallback(monkeypatch: pytest.Monkey
     default = env_credentials()
     assert (default.username, default.password, default.validate_certs) == ("envuser", "envpass", False)
     assert "envpass" not in repr(default)
+
+
+def test_password_from_a_file_when_the_environment_has_none(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """VIRTFLEET_PASSWORD_FILE (an AWX credential's file injector): its first line, after VMWARE_PASSWORD and
+    a given password; an unreadable or empty file is one line naming the variable and the path, no content."""
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-from-file\nignored\n")
+    monkeypatch.delenv("VMWARE_PASSWORD", raising=False)
+    monkeypatch.setenv("VIRTFLEET_PASSWORD_FILE", str(secret))
+    assert env_credentials().password == "s3cret-from-file"
+    assert env_credentials(password="given").password == "given"
+    monkeypatch.setenv("VMWARE_PASSWORD", "from-env")
+    assert env_credentials().password == "from-env"
+    monkeypatch.delenv("VMWARE_PASSWORD")
+    monkeypatch.setenv("VIRTFLEET_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"^VIRTFLEET_PASSWORD_FILE=.*: cannot be read \(FileNotFoundError\)$"):
+        env_credentials()
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.setenv("VIRTFLEET_PASSWORD_FILE", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="is empty"):
+        env_credentials()
 
 
 def test_credentials_errors() -> None:
