@@ -286,3 +286,34 @@ def test_workflow_plan_approval_apply_of_the_saved_plan(job: Dict[str, Any], lib
     assert sum(stats_of(applied)["changed"].values()) >= 1
     made = sorted(d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(job["prefix"]))
     assert made == sorted(g["name"] for g in artifact["virtfleet_plan"]["guests"] if "-kvm-" in g["name"])
+
+
+@pytest.mark.parametrize("name, inputs, secret_files", [
+    ("vsphere", {"host": "vc.example.com", "username": "u", "password": "pw-sentinel", "ca": "PEM"},
+     {"VIRTFLEET_PASSWORD_FILE": "pw-sentinel", "VIRTFLEET_CA_PATH": "PEM"}),
+    ("redfish", {"uri": "redfish://bmc.example.com", "username": "u", "password": "pw-sentinel"},
+     {"VIRTFLEET_REDFISH_PASSWORD_FILE": "pw-sentinel"}),
+    ("libvirt_ssh", {"uri": "qemu+libssh://kvm.example.com:2222/system", "username": "root",
+                     "ssh_key_data": "KEY-sentinel\n", "known_hosts": "KH\n"}, {}),
+])
+def test_each_credential_type_renders_as_awx_does(tmp_path: Path, name: str, inputs: Dict[str, Any],
+                                                  secret_files: Dict[str, str]) -> None:
+    """Rendered with test values: every secret goes to a 0600 file of the private data directory and none into
+    the environment; the variables name the files; a required input left out is refused."""
+    injected = inject(name, inputs, tmp_path)
+    assert injected.secrets and not any(s in json.dumps(injected.env) for s in injected.secrets)
+    for variable, content in secret_files.items():
+        path = Path(injected.env[variable])
+        assert path in injected.files and path.read_text() == content and path.stat().st_mode & 0o077 == 0
+    if name == "libvirt_ssh":
+        uri = injected.env["LIBVIRT_DEFAULT_URI"]
+        assert uri == injected.env["VIRTFLEET_LIBVIRT_URI"]
+        assert uri.startswith("qemu+libssh://root@kvm.example.com:2222/system?keyfile=")
+        assert "known_hosts_verify=normal" in uri and "sshauth=privkey" in uri
+        assert {p.read_text() for p in injected.files} == {"KEY-sentinel\n", "KH\n"}
+    if name == "vsphere":
+        assert injected.env["VMWARE_VALIDATE_CERTS"] == "True"  # the field's default: verify
+        without_ca = inject(name, {k: v for k, v in inputs.items() if k != "ca"}, tmp_path / "noca")
+        assert without_ca.env["VIRTFLEET_CA_PATH"] == ""  # empty: the collection then uses the system store
+    with pytest.raises(ValueError, match="input username is required"):
+        inject(name, {k: v for k, v in inputs.items() if k != "username"}, tmp_path / "missing")
