@@ -192,9 +192,9 @@ def test_job_slicing_converges_the_union_once(job: Dict[str, Any]) -> None:
     lab = job["lab"]
     first = job["dir"] / "inventory"
     proj = project(lab, first, job["fleet"], job["prefix"])
-    env, _ = credentials(lab, first, job["key"])
-    out, _ = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
-                                          envvars={**job["base_env"], **env}, quiet=True)
+    env = credentials(lab, first, job["key"])[0]
+    out = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
+                                       envvars={**job["base_env"], **env}, quiet=True)[0]
     hypervisors = sorted(out["hypervisors"]["hosts"])
     slices = [hypervisors[i::SLICES] for i in range(SLICES)]
 
@@ -215,18 +215,18 @@ def test_job_slicing_converges_the_union_once(job: Dict[str, Any]) -> None:
              "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
     done = []
     for pdd, secrets, proc in procs:
-        _, err = proc.communicate(timeout=900)
+        err = proc.communicate(timeout=900)[1]
         status = (pdd / "artifacts" / "slice" / "status").read_text()
         assert (proc.returncode, status) == (0, "successful"), err[-2000:] + \
             (pdd / "artifacts" / "slice" / "stdout").read_text()[-3000:]
         scan(pdd, secrets, [])
-        done.append((status, json.loads((pdd / "out" / "plan.json").read_text())))
-    created = [g["name"] for _, plan in done for g in plan["guests"] if g["action"] == "create"]
+        done.append(json.loads((pdd / "out" / "plan.json").read_text()))
+    created = [g["name"] for plan in done for g in plan["guests"] if g["action"] == "create"]
     assert sorted(created) == sorted(set(created)), "a guest was created by two slices"
     # The whole fleet, once: a plan of the whole fleet finds nothing to do, and each guest on one hypervisor.
     check = job["dir"] / "after"
     cproj = project(lab, check, job["fleet"], job["prefix"])
-    env, _ = credentials(lab, check, job["key"])
+    env = credentials(lab, check, job["key"])[0]
     subprocess.run([str(BIN / "ansible-playbook"), "-i", str(cproj / "lab.hypervisors.yml"), "virtfleet.core.plan",
                     "-e", f"fleet_file={cproj / 'fleet.yml'}", "-e", f"fleet_out={check / 'out'}"],
                    env={**job["base_env"], **env, "PATH": str(BIN) + ":/usr/bin:/bin"}, check=True,
@@ -262,8 +262,8 @@ def test_workflow_plan_approval_apply_of_the_saved_plan(job: Dict[str, Any], lib
     (set_stats: virtfleet_plan) to the apply job as extra vars; the apply changes nothing unless it is the
     plan that was approved."""
     lab = job["lab"]
-    planned, _ = run_job(job, job["dir"] / "plan", project(lab, job["dir"] / "plan", job["fleet"], job["prefix"]),
-                         {}, playbook="plan.yml")
+    planned = run_job(job, job["dir"] / "plan", project(lab, job["dir"] / "plan", job["fleet"], job["prefix"]),
+                      {}, playbook="plan.yml")[0]
     assert planned.status == "successful", planned.stdout.read()[-3000:]
     artifact = stats_of(planned)["artifact_data"]
     assert sorted(g["action"] for g in artifact["virtfleet_plan"]["guests"]) == ["create"] * 6
@@ -273,7 +273,7 @@ def test_workflow_plan_approval_apply_of_the_saved_plan(job: Dict[str, Any], lib
     edited = json.loads(json.dumps(artifact))
     edited["virtfleet_plan"]["guests"][0]["hypervisor"] = "somewhere-else"
     pdd = job["dir"] / "edited"
-    refused, _ = run_job(job, pdd, project(lab, pdd, job["fleet"], job["prefix"]), edited)
+    refused = run_job(job, pdd, project(lab, pdd, job["fleet"], job["prefix"]), edited)[0]
     assert refused.status == "failed"
     msg = next(e for e in refused.events if e["event"] == "runner_on_failed")["event_data"]["res"]["msg"]
     assert msg.startswith("fleet_plan_data: "), msg
@@ -281,7 +281,7 @@ def test_workflow_plan_approval_apply_of_the_saved_plan(job: Dict[str, Any], lib
 
     # The approved plan: applied as planned.
     pdd = job["dir"] / "apply"
-    applied, _ = run_job(job, pdd, project(lab, pdd, job["fleet"], job["prefix"]), artifact)
+    applied = run_job(job, pdd, project(lab, pdd, job["fleet"], job["prefix"]), artifact)[0]
     assert applied.status == "successful", applied.stdout.read()[-3000:]
     assert sum(stats_of(applied)["changed"].values()) >= 1
     made = sorted(d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(job["prefix"]))
