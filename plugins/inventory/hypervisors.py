@@ -6,7 +6,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 name: hypervisors
 short_description: Find the hypervisors (ESXi, vCenter-managed ESXi, KVM/QEMU) on a fleet and their guests
-version_added: 0.1.0
+version_added: "1.0.0"
 description:
   - Probes a list of endpoints and address ranges, identifies what answers (ESXi, vCenter, libvirt, Redfish BMC),
     reads each hypervisor's facts and capacity and, optionally, every guest VM, in bulk and in parallel.
@@ -124,6 +124,24 @@ options:
         connection whose peer stops answering is closed after about this long (libvirt keepalive).
     type: float
     default: 10
+notes:
+  - The configuration file's name must end in C(hypervisors.yml) or C(hypervisors.yaml).
+  - With O(guests=false) the hypervisors carry guest counts only. The fleet's placement
+    (P(virtfleet.core.place#filter)) refuses an inventory whose hypervisors report guests it holds no facts of,
+    because every fleet guest would look new.
+  - With the inventory cache on, a guest made since the cache was written is missing from what placement sees;
+    run the fleet playbooks with fresh discovery.
+seealso:
+  - module: virtfleet.core.hypervisor_info
+    description: The same facts for one endpoint, inside a playbook.
+  - module: virtfleet.core.guest_info
+    description: Guests in the model the guest modules take as desired state.
+  - name: The hypervisors inventory
+    description: Endpoints, probing, credentials, groups, hostvars, renamed hosts, cache (docs/inventory.md).
+    link: https://github.com/virtfleet/virtfleet.core/blob/main/docs/inventory.md
+  - name: Security
+    description: TLS, credentials, templating safety of discovered data (docs/security.md).
+    link: https://github.com/virtfleet/virtfleet.core/blob/main/docs/security.md
 """
 
 EXAMPLES = r"""

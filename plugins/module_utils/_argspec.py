@@ -131,12 +131,24 @@ def convergence_argument_spec() -> Dict[str, Any]:
     }
 
 
+def guest_entry_spec() -> Dict[str, Any]:
+    """doc fragment: virtfleet.core.guest_spec.guests (each entry of the guests module's ``guests``): the guest spec,
+    but cloud_init.user_data is not no_log here. AnsibleModule would take every string and number of every guest's
+    user_data (a package name, a 1) for a secret and mask it wherever it appears in the results (a guest named
+    nginx01 would come back as ********01); the module masks the entries' user_data itself, by the one rule of which
+    of its strings are secrets (_guest_module.hide_secrets, secret_strings), as before the entries were declared."""
+    spec = guest_argument_spec()
+    spec["cloud_init"]["options"]["user_data"] = {"type": "raw"}
+    return spec
+
+
 def exclusive_argument_spec() -> Dict[str, Any]:
     """Options of the guests module only (documented there)."""
     return {
-        # Each entry is validated against guest_argument_spec() by the module itself, so that a problem names the
-        # guest (guests[2] (web03)); its cloud_init.user_data is masked there (_guest_module.hide_secrets).
-        "guests": {"type": "list", "elements": "dict", "required": True},
+        # AnsibleModule validates the entries (types, choices, unknown keys) against guest_entry_spec(); when one is
+        # refused, _guest_module.GuestListModule names it (guests[2] (web03)). The model's checks follow
+        # (guest_spec_from_dict). fleet_guests checks its targets' guests with the same spec (specs_from_entries).
+        "guests": {"type": "list", "elements": "dict", "required": True, "options": guest_entry_spec()},
         "exclusive": {"type": "bool", "default": False},
         "allow_empty": {"type": "bool", "default": False},
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import traceback
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NoReturn
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
@@ -38,16 +38,46 @@ def run_options_from_params(params: Dict[str, Any], check_mode: bool) -> RunOpti
 def specs_from_entries(entries: List[Any]) -> List[GuestSpec]:
     """Each entry of ``guests`` checked against the same argument spec as the guest module's options."""
     validator = ArgumentSpecValidator(guest_argument_spec())
-    specs = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"guests[{i}]", entry, "must be a dict of guest options")
-        result = validator.validate(without_none(entry))
-        if result.error_messages:
-            label = f"guests[{i}] ({entry.get('name')})" if entry.get("name") else f"guests[{i}]"
-            raise ConfigError(label, "...", result.error_messages[0])
-        specs.append(guest_spec_from_dict(result.validated_parameters))
-    return specs
+    return [guest_spec_from_dict(entry_options(validator, i, entry)) for i, entry in enumerate(entries)]
+
+
+def entry_options(validator: ArgumentSpecValidator, i: int, entry: Any) -> Dict[str, Any]:
+    """Entry I of ``guests`` validated by VALIDATOR (the guest spec's); ConfigError naming the entry."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"guests[{i}]", entry, "must be a dict of guest options")
+    result = validator.validate(without_none(entry))
+    if result.error_messages:
+        label = f"guests[{i}] ({entry.get('name')})" if entry.get("name") else f"guests[{i}]"
+        raise ConfigError(label, "...", result.error_messages[0])
+    return result.validated_parameters
+
+
+class GuestListModule(AnsibleModule):
+    """AnsibleModule for a module whose ``guests`` entries are declared suboptions (guest_entry_spec: documented,
+    types coerced, checked before the module runs). When AnsibleModule refuses the parameters, its message says
+    where in the spec (``found in guests``) but not which entry: the first entry the guest spec refuses is named
+    instead, in the module's own form (``guests[1] (web02)='...': value of firmware must be one of ...``)."""
+
+    _given: Any = None
+
+    def _load_params(self) -> None:
+        super()._load_params()
+        # The entries as given: validation replaces an entry it cannot read as a dict (the list comes back empty).
+        self._given = copy.deepcopy(self.params.get("guests"))
+
+    def fail_json(self, msg: str, **kwargs: Any) -> NoReturn:
+        result = getattr(self, "validation_result", None)
+        if result is not None and result.errors and isinstance(self._given, list):
+            # Only AnsibleModule.__init__ fails with validation errors: a module with none runs on.
+            validator = ArgumentSpecValidator(guest_argument_spec())
+            try:
+                for i, entry in enumerate(self._given):
+                    entry_options(validator, i, entry)
+            except ConfigError as exc:
+                msg = str(exc)
+            kwargs["invocation"] = hide_secrets(self)
+        super().fail_json(msg, **kwargs)
+        raise AssertionError("fail_json returned")  # it exits; this tells the type checker so
 
 
 NO_LOG = "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
@@ -111,7 +141,9 @@ def run_guests(module: AnsibleModule, single: bool) -> None:
         if single:
             specs = [guest_spec_from_dict({k: params[k] for k in guest_argument_spec()})]
         else:
-            specs = specs_from_entries(params["guests"])
+            # AnsibleModule validated the entries against the guest spec (GuestListModule): the model's checks remain.
+            # (A second validation would warn about each disk's pool beside its alias datastore, both set by then.)
+            specs = [guest_spec_from_dict(entry) for entry in params["guests"]]
         options = run_options_from_params(params, module.check_mode)
         placement = placement_from_params(params)
         with guest_backend(module) as backend:

@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: guests
 short_description: Make a list of guest VMs on one libvirt or vSphere endpoint match what is declared
-version_added: 0.2.0
+version_added: "1.0.0"
 description:
   - The bulk form of M(virtfleet.core.guest) - one connection, one bulk read of every guest, every guest planned
     before anything is changed, changes applied in parallel (shutdown and task waits overlap).
@@ -25,13 +25,17 @@ extends_documentation_fragment:
   - virtfleet.core.connection
   - virtfleet.core.placement
   - virtfleet.core.convergence
+  - virtfleet.core.guest_spec.guests
+  - virtfleet.core.attributes
+  - virtfleet.core.attributes.action_group
 options:
   guests:
     description:
-      - The guests. Each entry takes the guest options of M(virtfleet.core.guest) (O(ignore:name), O(ignore:uuid),
-        O(ignore:vcpus), O(ignore:memory_mib), O(ignore:firmware), O(ignore:disks), O(ignore:nics),
-        O(ignore:cloud_init), O(ignore:boot), O(ignore:autostart), O(ignore:tags), O(ignore:state)), checked the
-        same way.
+      - The guests. Each entry takes the guest options of M(virtfleet.core.guest), checked the same way, before
+        anything is contacted. The first entry that is refused is named in one line, by its index and name.
+      - A guest's C(cloud_init.user_data) is never logged or returned; results and diffs show only its digest.
+      - The output of M(virtfleet.core.guest_info) (RV(virtfleet.core.guest_info#module:guests)) can be given as it
+        is; each entry's C(status) is ignored.
     type: list
     elements: dict
     required: true
@@ -53,11 +57,36 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Same C(changed), C(guests[].changes) and diff as the real run; nothing that changes the hypervisor
-      is sent.
+    details:
+      - Same C(changed), RV(guests[].changes) and diff as the real run; nothing that changes the hypervisor is sent.
+      - A new guest's C(uuid) is only known once the hypervisor has made it, unless the entry gives one.
   diff_mode:
     support: full
-    description: Before and after of each changed guest's normalised model, keyed by guest name.
+    details:
+      - Before and after of each changed guest's normalised model, keyed by guest name.
+notes:
+  - The module runs where the task runs (usually the controller) and talks to the endpoint in O(uri) over the
+    network; the hypervisor needs no Python.
+  - On vSphere a change that needs a restart of a running VM is refused while planning unless
+    O(allow_restart=true) or the entry's C(state) is V(stopped); see M(virtfleet.core.guest).
+  - Give each team, role or fleet that converges guests on one hypervisor its own O(owner), so that
+    O(exclusive=true) never removes another one's guests.
+seealso:
+  - module: virtfleet.core.guest
+    description: One guest per task, with the same options.
+  - module: virtfleet.core.guest_info
+    description: Guests read back in this module's model.
+  - module: virtfleet.core.fleet_guests
+    description: The guests placed on many hypervisors, in one task.
+  - plugin: virtfleet.core.hypervisors
+    plugin_type: inventory
+    description: Discover the hypervisors and their guests as inventory.
+  - name: The virtfleet.core.guests role
+    description: One hypervisor's declared guests through this module (roles/guests/README.md).
+    link: https://github.com/virtfleet/virtfleet.core/blob/main/roles/guests/README.md
+  - name: Guest convergence
+    description: How a run goes, what is compared, live or restart, power, ownership and exclusive (docs/guests.md).
+    link: https://github.com/virtfleet/virtfleet.core/blob/main/docs/guests.md
 """
 
 EXAMPLES = r"""
@@ -94,6 +123,59 @@ guests:
   returned: always
   type: list
   elements: dict
+  contains:
+    name:
+      description: Guest name.
+      type: str
+      sample: web01
+    changed:
+      description: Something changed on this guest (or would, in check mode).
+      type: bool
+      sample: true
+    action:
+      description: V(create), V(update), V(remove) or V(none).
+      type: str
+      sample: update
+    changes:
+      description: What changed (or would), in order; as RV(virtfleet.core.guest#module:changes).
+      type: list
+      elements: dict
+      contains:
+        field:
+          description: What changed, for example V(vcpus), V(disks[root].size_gib), V(power_state) or V(guest).
+          type: str
+          sample: vcpus
+        before:
+          description: The value before the run.
+          type: raw
+          sample: 2
+        after:
+          description: The value after the run.
+          type: raw
+          sample: 4
+        live:
+          description: The running guest gets the change now; V(false) means it waits for a restart.
+          type: bool
+          sample: true
+    restart_required:
+      description: A change of this guest waits for a restart.
+      type: bool
+      sample: false
+    guest:
+      description: The guest's normalised model after the run (in check mode, what the run would leave), as
+        RV(virtfleet.core.guest#module:guest); null for a guest that is absent.
+      type: dict
+      sample: {"name": "web01", "uuid": "2a6c1d5e-8f3b-4c1a-9d2e-5b7f0c4e1a93", "vcpus": 4, "memory_mib": 2048,
+               "firmware": "bios", "disks": [], "nics": [], "cloud_init": null, "boot": null, "autostart": false,
+               "tags": {}}
+    failed:
+      description: This guest's change failed while it was applied (see C(msg)); the other guests went on.
+      type: bool
+      sample: false
+    msg:
+      description: Why this guest failed, one line; null otherwise.
+      type: str
+      sample: null
   sample: [{"name": "web01", "changed": true, "action": "update", "restart_required": false,
             "changes": [{"field": "vcpus", "before": 2, "after": 4, "live": true}],
             "guest": {"name": "web01", "vcpus": 4}, "failed": false, "msg": null}]
@@ -101,9 +183,8 @@ restart_required:
   description: At least one guest has a change that waits for a restart.
   returned: always
   type: bool
+  sample: false
 """
-
-from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     connection_argument_spec,
@@ -111,15 +192,16 @@ from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     exclusive_argument_spec,
     placement_argument_spec,
 )
-from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import run_guests
+from ansible_collections.virtfleet.core.plugins.module_utils._guest_module import GuestListModule, run_guests
 
 
 def main() -> None:
     spec = {**connection_argument_spec(), **placement_argument_spec(), **convergence_argument_spec(),
             **exclusive_argument_spec()}
     # no_log: no "Invoked with" line in the managed node's journal, whose copy of the guests could hold
-    # cloud-init secrets; results mask them (see _guest_module.hide_secrets).
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True, no_log=True)
+    # cloud-init secrets; results mask them (see _guest_module.hide_secrets). GuestListModule: an AnsibleModule
+    # whose refusal of a guests entry names the entry.
+    module = GuestListModule(argument_spec=spec, supports_check_mode=True, no_log=True)
     run_guests(module, single=False)
 
 

@@ -221,7 +221,7 @@ def test_guest_info_output_fed_back_as_desired_state_changes_nothing() -> None:
     assert out[0]["status"]["power_state"] == "running" and out[0]["status"]["owner"] == "virtfleet.core"
     assert out[0]["status"]["cloud_init_digest"].startswith("sha256:") and "cloud_init" not in out[0]
     assert "s3cret" not in repr(out)
-    specs = specs_from_entries(copy.deepcopy(out))  # the same validation the guests module runs
+    specs = specs_from_entries(copy.deepcopy(out))  # the guest spec + model checks, as for any guests entry
     plan = planner().plan(specs[0], state)
     assert plan.changes == [] and plan.power is None
 
