@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import functools
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -104,7 +105,10 @@ class Rendered:
 
 
 def run(args: List[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+    # As in an image build: no collections path of this checkout (ansible-galaxy would find the collection
+    # "already installed" there and install nothing).
+    env = {k: v for k, v in os.environ.items() if k != "ANSIBLE_COLLECTIONS_PATH"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def render(definition: Dict[str, Any], tarball: Path, work: Path) -> Rendered:

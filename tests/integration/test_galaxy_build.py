@@ -154,7 +154,8 @@ def fleet(lab: Dict[str, Any], path: Path, guests: List[Dict[str, Any]]) -> Path
         "name": f"vftest-ee-{uuid.uuid4().hex[:6]}",
         "defaults": {"memory_mib": 128, "vcpus": 1, "nics": [{"network": "prod"}]},
         "hypervisors": [{"type": "kvm", "networks": {"prod": lab["libvirt"]["network"]},
-                         "domain_type": lab["domain_type"], "storage": {"fast": lab["libvirt"]["pool"]}}],
+                         "domain_type": lab["domain_type"], "cpu_ratio": 64,
+                         "storage": {"fast": lab["libvirt"]["pool"]}}],
         "guests": guests}))
     return path
 
@@ -168,5 +169,5 @@ def test_clean_install_plans_a_fleet_with_its_playbook(installed: Dict[str, Any]
     run(installed, "ansible-playbook", "-i", str(write_inventory(installed, lab)), "virtfleet.core.plan",
         "-e", f"fleet_file={fleet_file}", "-e", f"fleet_out={out}")
     plan = json.loads((out / "plan.json").read_text())
-    assert {g["name"]: g["action"] for g in plan["guests"]} == {name: "create"}
+    assert {g["name"]: g["action"] for g in plan["guests"]} == {name: "create"}, plan["unplaceable"]
     assert name not in [d.name() for d in libvirt_conn.listAllDomains(0)], "a plan changes nothing"
