@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Shared pytest configuration: make the collection importable as ansible_collections.virtfleet.core."""
 
 from __future__ import annotations

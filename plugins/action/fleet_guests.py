@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """fleet_guests on the controller: the same run_fleet as the module, without shipping a module, starting a Python
 and moving the targets and results through JSON (for a 500-guest fleet about 1.5 s of a run)."""
 

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Write plan.json, plan.md and report.html on the controller, in one step (no module is shipped anywhere)."""
 
 from __future__ import annotations

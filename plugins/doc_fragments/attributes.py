@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The attributes every module documents (the Ansible developer guide's ``attributes``). Each fragment gives the
 descriptions; a module extends DOCUMENTATION and states its own ``support`` (and ``details``)."""
 

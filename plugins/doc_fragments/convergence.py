@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """How changes are carried out; matches convergence_argument_spec() in plugins/module_utils/_argspec.py."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The options of one guest; matches guest_argument_spec() in plugins/module_utils/_argspec.py one to one.
 
 DOCUMENTATION documents them as a module's own options (virtfleet.core.guest). GUESTS is the same text as the

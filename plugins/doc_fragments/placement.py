@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Where new guests go; matches placement_argument_spec() in plugins/module_utils/_argspec.py one to one."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Fleet filters: place, fleet_plan, fleet_drift, fleet_check_reviewed. Pure functions over plain data; the
 work is in plugins/module_utils (_fleet, _placement, _fleet_plan), shared with the fleet_guests module."""
 

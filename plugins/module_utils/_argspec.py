@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Argument specs shared by the modules; each has a doc fragment in plugins/doc_fragments of the same name.
 
 Specs and the parsing of connection and placement options only: read-only modules import this, so it never

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What the planner hands the backends: structured changes and a guest's plan. Data only, no logic beyond
 rendering a change for users, so that the backend contract (backends/base.py) never imports the planner."""
 

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Read -> plan -> apply -> read back, for one guest or many on one endpoint. Readable top to bottom.
 
 Everything that can be wrong with the input is found while planning, for every guest, before the first

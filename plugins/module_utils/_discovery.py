@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Discovery of many endpoints in parallel, and probing of address ranges for hypervisor APIs.
 
 Results are plain JSON-able dicts without credentials: the same data goes to the inventory, to the

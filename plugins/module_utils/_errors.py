@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Domain exceptions. Code below the modules raises these; modules and plugins turn them into one line."""
 
 from __future__ import annotations

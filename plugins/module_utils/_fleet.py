@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet file: the guests a fleet must run, where they may go, and how each hypervisor is read.
 
 Validated with Ansible's ArgumentSpecValidator against the guest modules' own spec (``guest_argument_spec``) plus

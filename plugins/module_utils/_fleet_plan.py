@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet as plain data: placement (what the filter ``place`` returns and ``fleet_guests`` converges) and the
 plan (``plan.json``, documented in docs/fleet.md), with the digest a reviewed plan is checked by. Pure."""
 

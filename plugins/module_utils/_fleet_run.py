@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Converge many hypervisors in one call (the fleet_guests module): one thread per endpoint, each the same
 read -> plan -> apply as the guests module. A hypervisor whose plan fails (bad input for that host, an endpoint
 that is down) changes nothing and is reported; the others go on."""

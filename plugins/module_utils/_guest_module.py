@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The edge shared by the guest modules: parameters -> backend -> converge -> exit_json/fail_json.
 
 Errors become a failure exactly once, here; everything below raises domain exceptions.

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The read-only edge of the guest modules (guest_info): a guest backend from module parameters, and the
 selection guest_info returns. It never loads the planner or the convergence engine."""
 

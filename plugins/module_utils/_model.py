@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Normalised facts about hypervisors and their guests, the same shape for every backend.
 
 Backends fill these dataclasses from libvirt or vSphere; everything above the backends (inventory,

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Placement: a fleet's guests onto the discovered hypervisors, by capacity and constraints. Pure.
 
 The shape follows OpenStack Nova's scheduler: filters (type, pin, labels, networks, storage, memory, vCPU with an

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Desired guest + actual guest -> an ordered plan of changes. Pure: no hypervisor library, no I/O.
 
 One step per attribute group (CPU, memory, firmware/boot, disks, NICs, first-boot data, tags, power):

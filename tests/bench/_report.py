@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What every bench script shares: writing its own section of docs/benchmarks.md between two markers."""
 
 from __future__ import annotations

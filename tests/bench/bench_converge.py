@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """make bench-converge: converging many guests with this collection's modules against the incumbents, in one run.
 
 Scenarios (every figure is one whole `ansible-playbook` run, wall clock, end to end):

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """make bench-discovery: this collection's inventory against the incumbents, side by side, in one run.
 
 Scenarios (each built here, on loopback, and torn down afterwards):

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """make bench-fleet: the fleet playbooks over a simulated fleet of 49 hypervisors and 500 guests, in one run.
 
 The fleet: 40 standalone simulated ESXi servers (vcsim ESX, one process each, 127.0.22.1-40), a simulated

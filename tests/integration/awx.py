@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """AWX's way of injecting a credential, for tests: render a credential type's injectors with given inputs.
 
 AWX (awx/main/models/credential) renders a custom credential type's `file` templates into files of the job's

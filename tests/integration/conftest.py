@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Integration fixtures: the lab is brought up once per run (idempotent) and described by its state file."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Jobs as AWX runs them: ansible-runner's Python API, credentials injected from docs/awx/credential_types.
 
 An SCM-like project (an inventory source with `plugin: virtfleet.core.hypervisors`, a fleet file, a playbook

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The hypervisors inventory plugin and hypervisor_info module against the real lab."""
 
 from __future__ import annotations

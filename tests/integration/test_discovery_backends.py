@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Discovery against the lab: the vSphere VM read split into concurrent parts returns exactly what one request
 returns, and what pyVmomi itself lists; results (guest facts skip the JSON round trip) are plain data."""
 

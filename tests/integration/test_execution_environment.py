@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The execution environment: what ansible-builder makes of docs/awx/execution-environment.yml and the tarball.
 
 `ansible-builder create` renders the build context; no image is built (no container runtime or registry

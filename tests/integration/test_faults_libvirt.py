@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Fault injection against the lab's real libvirtd: the daemon is killed (SIGKILL, by its PID file) at chosen
 points of a run, restarted, and the next run must converge; removal with remove_storage must then remove
 exactly what the collection created, and nothing else in the pool.

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Fault injection against vcsim: a simulator of the test's own (its own PID file, address and state) is frozen
 (SIGSTOP, by PID) at chosen vSphere calls of a run and thawed (SIGCONT) later; the next run must converge,
 no VM may exist twice, and removal with remove_storage must remove exactly what the collection created.

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet playbooks end to end on the lab: libvirt + a simulated ESXi + a simulated vCenter cluster.
 
 plan -> apply (the reviewed plan) -> nothing left to change -> drift clean; a reviewed plan that no longer

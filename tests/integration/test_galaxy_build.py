@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The collection tarball as Galaxy gets it: what it ships, and that it works on its own.
 
 The tarball carries no lab, benchmark, demo or repository tooling, and everything a user needs. Installed

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """guest_info's output fed back as desired state changes nothing (its docs promise it), on the lab's libvirtd:
 through the guests module and through the guest module, in check mode and for real."""
 

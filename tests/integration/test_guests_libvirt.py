@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The guest modules against the lab's real libvirtd (QEMU, KVM or TCG as the lab decided).
 
 Each test makes its own `vftest-` guests and removes them (domains and volumes) when it ends.

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The lab itself answers: libvirt runs domains, vcsim speaks vSphere, sushy speaks Redfish."""
 
 from __future__ import annotations

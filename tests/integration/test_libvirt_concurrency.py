@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Two runs converging the same libvirt host at once (two AWX jobs, a pipeline and a person): both `guests`
 module runs really run at the same time against the lab's libvirtd, with the same guest list.
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """remove_storage deletes only the volumes this collection made for the guest, on the lab's libvirtd: a disk
 re-pointed by hand at another volume keeps that volume."""
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Issue 10's libvirt defects against the lab's real libvirtd: console passwords kept, names that cannot
 round-trip refused or rolled back, one reading of memory, buses the host cannot do refused while planning, and
 a create or restart stopped part-way converged by the next run.

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """libvirt over SSH against the lab's sshd, handed over the way an AWX "libvirt over SSH" credential does it: the
 URI with its user, and the private key and the known_hosts line as files of the job (libssh transport)."""
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Molecule's default scenario fails in create, in one line naming the endpoint, when part of the lab is down.
 
 The Redfish emulator is stopped by its PID file and started again by the lab's own `up`, so the lab is left

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Secrets given to the guest modules never come back: not in results, invocation, diffs or -vvv output.
 
 Runs real ansible-playbook against the lab's libvirtd in check mode (nothing is created) with a sentinel in

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Security of discovery against the real lab: templated names through compose, hijack-proof names beside another
 inventory source, plain text only when allowed, secrets never echoed, and a dead libvirt peer ends a call."""
 

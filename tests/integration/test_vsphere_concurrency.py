@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """vSphere safety against the lab's vcsim: two runs converging one vCenter at once, kept disks picked up again,
 clones that copy the ownership mark, and exclusive pruning only inside the placement.
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Guest convergence on vSphere against the lab's vcsim (vCenter 127.0.10.10 and ESXi esx01): create, check mode
 predicts the read-back exactly, idempotence, live growth, restart-only changes, power, removal with and without
 storage, exclusive runs that only remove guests this collection owns."""

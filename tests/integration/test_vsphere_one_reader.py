@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """One VM, two readers: discovery (raw SOAP, GuestFacts) and convergence (pyVmomi, GuestState) read the same
 vSphere VM through different parsers, and normalise every field they share with the same function (codec.py).
 Against the lab's vcsim, on the vCenter and on esx01: a guest with two disks, two NICs and tags is created

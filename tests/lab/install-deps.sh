@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 # Install the Debian packages that bindep.txt lists for [platform:dpkg] which are not installed yet.
 # Idempotent and quiet when everything is there. Run as root on Debian 12.
 set -euo pipefail

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The local hypervisor lab: libvirt (KVM or TCG, also over SSH), vcsim ESXi/vCenter endpoints, sushy Redfish BMCs.
 
 Usage: lab.py up | down | status [--json]

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 # Print the interpreter `make` builds the project's venv with: the newest CPython 3.13 or 3.12 found (on PATH,
 # else under pyenv) that runs and has ssl and venv, else python3.
 # Why: ansible-core 2.20 and later need Python 3.12+, and ansible-core 2.21 on Python 3.13 builds a large

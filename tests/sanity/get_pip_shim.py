@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Stand-in for get-pip.py, the script ansible-test downloads to put pip into its sanity virtualenvs.
 
 This workplace reaches PyPI but not the host ansible-test downloads get-pip.py from, so tests/sanity/run.sh

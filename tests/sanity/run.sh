@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 # ansible-test sanity on the collection copy in .build (made by `make collection`).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)

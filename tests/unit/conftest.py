@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Unit-test fixtures: the collection loaded the way Ansible loads it, fakes at the library boundary."""
 
 from __future__ import annotations

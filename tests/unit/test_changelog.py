@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The changelog fragments make a clean first release: antsibull-changelog releases them in a copy of changelogs/
 (never in the repository, whose fragments stay unreleased until a maintainer cuts the release), every fragment is
 consumed, the release has its summary and every section the fragments name, and no fragment narrates development.

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The collection's documentation, as users and Galaxy read it: ansible-doc renders every module, the inventory
 plugin, every filter and every role without a warning, antsibull-docs' linter finds nothing, version_added and the
 action group agree with galaxy.yml and meta/runtime.yml, and the guests role's guest options are the guest spec's.

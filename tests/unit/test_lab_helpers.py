@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Unit tests of the lab's own helpers (no daemon needed)."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The backend registry: an endpoint's API -> its backend class, imported on first use so that a missing
 library (libvirt-python, pyVmomi) only matters to endpoints that need it."""
 

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """vSphere discovery over SOAP without pyVmomi: the few read-only calls discovery makes, and their answers.
 
 Discovery needs six calls (RetrieveServiceContent, Login, CreateContainerView, RetrievePropertiesEx and its

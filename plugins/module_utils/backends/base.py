@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The typed contract every hypervisor backend fulfils. A new backend is a new subclass plus one line in the
 registry (backends/__init__.py). This file imports neither the planner nor a concrete backend."""
 

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Redfish BMC backend: the service root answers without credentials (vendor, product, version).
 
 Requests go over http.client, not ansible's open_url: open_url installs a process-wide opener (so parallel

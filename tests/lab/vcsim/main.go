@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-3.0-or-later
 // Command vcsim-lab serves one govmomi vSphere simulator model over TLS.
 //
 // It is the lab's stand-in for an ESXi server (-mode esx) or a vCenter (-mode vpx).

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The libvirt backend, by role:
 
 session.py    the connection (reachability, auth, keepalive), every call counted, errors as one line

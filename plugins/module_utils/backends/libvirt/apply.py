@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """One function per attribute a planned change can name, found in APPLY by (kind, attribute): each edits the
 persistent definition of one update_guest call (Edit) and queues what has to happen once it is stored (volumes
 to make, the seed to write, autostart and the running guest's changes)."""

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """LibvirtBackend: the contract (backends/base.py) carried out by this package's functions. One connection per
 backend (session.py); each method reads what it needs and passes it on, so no call depends on an earlier one."""
 

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Domain XML, both ways: the one parse of a domain definition (DomainView) that discovery facts and convergence
 state are both built from, the elements this collection writes (disks, NICs, the seed, its metadata), the NoCloud
 seed ISO, and the check of what libvirt stored against what it was sent. No libvirt call is made here.

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What a libvirt host is and has: identity, host facts (capabilities, hardware, storage pools, networks and
 their DHCP leases) and every guest as GuestFacts, read in bulk (getAllDomainStats, one XMLDesc per domain,
 leases per network)."""

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Guest convergence on libvirt: the reads the planner needs (capacity, every guest as GuestState, what the host
 cannot do), then the mutators: create, update (through apply.APPLY), start, stop, restart, remove. Every function
 takes the session and what an earlier read produced as arguments; nothing is left behind for a later call."""

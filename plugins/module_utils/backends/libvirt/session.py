@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The libvirt connection: reachability check, authentication, keepalive, and every call counted with a libvirt
 error turned into one EndpointError line. The only place libvirt-python is imported; the other modules of this
 package take ``libvirt`` from here."""

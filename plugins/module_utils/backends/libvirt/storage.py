@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Storage volumes: the names this collection gives them, creating (create-exclusive), growing, looking up,
 the seed ISO's volume, volumes kept from an earlier guest of the same name, and deleting exactly what was
 created."""

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """vSphere backend (ESXi or vCenter), in bulk. VsphereBackend composes the parts, each of one role:
 
 - session.py     pyVmomi (imported on first use), login/logout, remote calls and task waits, the TLS context

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What a vSphere VM's configuration means in the collection's model, both ways.
 
 Reading: one function per field (power state, counts, disk name/size/datastore/bus, NIC network/model/MAC,

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Building the ConfigSpec of a create or of a reconfigure: device specs (disks on free controller slots,
 NICs on a network or distributed port group), the extraConfig bookkeeping (codec.py), and one small function
 per (kind, attr) of a Change, found in _UPDATES."""

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """vSphere discovery over SOAP, without pyVmomi (see _vsphere_raw): identity, one ContainerView over the
 inventory types and the VMs, one RetrievePropertiesEx for the former's properties and the VM list, then the
 VMs' needed properties by explicit lists (in concurrent parts on a large endpoint); folder, datacenter and

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Guest convergence's reads on vSphere: every VM of the bulk read as GuestState (normalised by codec.py, the
 same functions discovery uses), what a new guest would land on (capacity), what vSphere cannot do
 (verify_spec) and the disk files kept from an earlier guest of the same name (leftover_disks)."""

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Guest convergence's mutators on vSphere: each is one task (CreateVM, ReconfigVM, power, Destroy) plus the
 polls of that task, and drops the memoised bulk read (placement.Inventory) before it changes anything."""
 

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Where guests are on a vSphere endpoint, for convergence: the one bulk read of the inventory (_Snapshot),
 and the user's placement names resolved against it (_Target): datacenter, cluster or host, resource pool,
 folder, the datastores and networks the target hosts see, and the scope ``exclusive`` prunes within."""

@@ -1,5 +1,6 @@
 # Copyright: virtfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """pyVmomi's session to one vSphere endpoint (guest convergence): the lazy import, login and logout, one remote
 call as one line on failure, and task waits. Also what discovery's own SOAP session shares with it: the TLS
 context, the credentials check and how an exception becomes one line naming the endpoint."""

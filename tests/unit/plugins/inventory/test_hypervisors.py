@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The inventory plugin with a fake backend: config validation before contact, naming, groups, safety."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The inventory plugin's security properties: no hijacked host, valid group names, no secret in an error,
 bounded options, and names that are never templated - through the real _populate and Ansible's Templar."""
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Endpoint, probe-range and credential parsing: every bad input is one line naming option and value."""
 
 from __future__ import annotations

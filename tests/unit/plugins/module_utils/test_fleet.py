@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet file, placement and the plan: validation lines, placement rules and invariants (hypothesis)."""
 
 from __future__ import annotations

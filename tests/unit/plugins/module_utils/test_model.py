@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Exported guest facts: every field of GuestFacts but the internal ones, as plain data."""
 
 from __future__ import annotations

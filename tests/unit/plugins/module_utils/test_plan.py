@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The planner and the runner, with a fake backend at the contract boundary (no hypervisor library)."""
 
 from __future__ import annotations

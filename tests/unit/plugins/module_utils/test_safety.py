@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Issue 10's planner and runner defects, each proven against the fake backend: what a run must never do."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Security of endpoints, probing and the wire: no password in a URI or a message, plain text only where the user
 asked for it, no credentials across a redirect, bounded SOAP answers, TLS verified against the CA the user gave."""
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The guests module's entries are declared suboptions (the guest spec): AnsibleModule checks them, and a refused
 entry is still named in one line by its index and name; what the module returns is not masked beyond the guests'
 secrets."""

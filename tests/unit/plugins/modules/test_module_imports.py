@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What each module loads: read-only modules never load the planner or the convergence engine, and no module
 imports a hypervisor library it does not need before it talks to an endpoint."""
 

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """LibvirtBackend against a fake libvirt connection: bulk calls only, normalised facts."""
 
 from __future__ import annotations

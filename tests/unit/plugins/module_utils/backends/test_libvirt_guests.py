@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """LibvirtBackend's convergence half against a fake libvirt daemon that behaves like libvirtd 9.0 where it matters:
 create-exclusive defines and volumes, user aliases dropped unless ^ua-[A-Za-z0-9_-]+$, console passwords only in
 VIR_DOMAIN_XML_SECURE, setMetadata putting our element into its namespace. Kill points are a BaseException

@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """VsphereBackend's bulk retrieval against a fake property collector: pages are followed, views are few."""
 
 from __future__ import annotations

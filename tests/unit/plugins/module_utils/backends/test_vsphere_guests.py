@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """VsphereBackend guest convergence at the pyVmomi boundary: the ConfigSpecs it builds for a create and for an
 update, how a VM reads back into GuestState, what it refuses, and that reads are one bulk retrieval."""
 

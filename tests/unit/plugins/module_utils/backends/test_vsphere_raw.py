@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Discovery's SOAP session without pyVmomi: its requests, its answers read against pyVmomi's own deserialiser
 (on an answer captured from vcsim), paging, cookies and faults, over a fake connection."""
 

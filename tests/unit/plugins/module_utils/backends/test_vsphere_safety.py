@@ -1,3 +1,5 @@
+# Copyright: virtfleet contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
 """VsphereBackend's safety rules against a fake vSphere (file manager, datastore browser, folder, property
 collector): a failed create removes only what it made, kept disks are picked up, MakeDirectory always names the
 datacenter, task waits follow the task (not a fixed cap), a concurrent same-named VM is never kept twice, and
