@@ -34,7 +34,8 @@ options:
   password:
     description:
       - Password for O(username). Never logged, never returned.
-      - Falls back to the E(VMWARE_PASSWORD) environment variable.
+      - Falls back to the E(VMWARE_PASSWORD) environment variable, then to the first line of the file that
+        E(VIRTFLEET_PASSWORD_FILE) names (how the collection's AWX credential type injects it).
     type: str
     aliases: [pass, pwd]
   validate_certs:

@@ -60,6 +60,7 @@ options:
         against that known_hosts file; C(known_hosts_verify=ignore) or C(auto) is refused unless C(validate_certs)
         is false for that endpoint.
       - A plain string item is taken as a C(uri).
+      - A C(uri) may be a template, for example a lookup of an environment variable an AWX credential injects.
       - When empty, E(LIBVIRT_DEFAULT_URI) is used if set.
     type: list
     elements: raw
@@ -79,7 +80,9 @@ options:
     env:
       - name: VMWARE_USER
   password:
-    description: Default password for endpoints no O(credentials) entry matches.
+    description:
+      - Default password for endpoints no O(credentials) entry matches.
+      - Without it and E(VMWARE_PASSWORD), the first line of the file E(VIRTFLEET_PASSWORD_FILE) names.
     type: str
     env:
       - name: VMWARE_PASSWORD

@@ -97,7 +97,9 @@ options:
     type: str
     aliases: [user]
   password:
-    description: Password for every vSphere target. Falls back to E(VMWARE_PASSWORD).
+    description: >-
+      Password for every vSphere target. Falls back to E(VMWARE_PASSWORD), then to the first line of the file
+      E(VIRTFLEET_PASSWORD_FILE) names.
     type: str
     aliases: [pass, pwd]
   validate_certs:
