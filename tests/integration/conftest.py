@@ -125,3 +125,14 @@ def build_collection(source: Path, dest: Path) -> Path:
 def collection_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The collection tarball as Galaxy gets it, built from the copy `make collection` made."""
     return build_collection(COLLECTION, tmp_path_factory.mktemp("dist"))
+
+
+def unwrap(value: Any) -> Any:
+    """ansible-inventory writes strings marked unsafe as {"__ansible_unsafe": "..."}; read them back plainly."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value

@@ -23,7 +23,7 @@ import ansible_runner
 import pytest
 import yaml
 from awx import Injected, inject
-from conftest import BIN, remove_libvirt_guests
+from conftest import BIN, remove_libvirt_guests, unwrap
 
 SLICES = 3
 
@@ -129,17 +129,6 @@ def scan(pdd: Path, secrets: List[str], injected_files: List[Path]) -> int:
     return count
 
 
-def plain(value: Any) -> Any:
-    """ansible-inventory's JSON with the unsafe markers of hypervisor strings taken off."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
-
-
 def stats_of(result: Any) -> Dict[str, Any]:
     return next(e["event_data"] for e in result.events if e["event"] == "playbook_on_stats")
 
@@ -152,7 +141,7 @@ def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) 
     # The inventory update, as AWX runs it: ansible-inventory through ansible-runner.
     out, err = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
                                             envvars={**job["base_env"], **env}, quiet=True)
-    groups = plain(out)
+    groups = unwrap(out)
     kvm = lab["libvirt"]["ssh"]["host"]  # a remote libvirt host is named by its endpoint
     assert kvm in groups["kvm"]["hosts"] + groups.get("qemu", {}).get("hosts", []), err
     assert {"DC0_C0_H0", lab["vcsim"]["esx01"]["address"]} <= set(groups["esxi"]["hosts"]), err

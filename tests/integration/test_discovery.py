@@ -15,6 +15,7 @@ from typing import Any
 import libvirt
 import pytest
 import yaml
+from conftest import unwrap
 
 import lab as lab_module
 
@@ -38,17 +39,6 @@ def inventory(path: Path, env: dict[str, str], *extra: str, check: bool = True) 
         assert proc.returncode == 0, proc.stderr
         assert "Failed to parse" not in proc.stderr + proc.stdout, proc.stderr
     return proc
-
-
-def unwrap(value: Any) -> Any:
-    """ansible-inventory writes strings marked unsafe as {"__ansible_unsafe": "..."}; read them back plainly."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unwrap(v) for v in value]
-    return value
 
 
 def read_listing(path: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import ansible
 import pytest
 import yaml
-from conftest import COLLECTION, REPO
+from conftest import COLLECTION, REPO, unwrap
 
 import lab as lab_module
 
@@ -117,17 +117,6 @@ def test_clean_install_sees_only_the_tarball(installed: Dict[str, Any]) -> None:
     doc = run(installed, "ansible-doc", "virtfleet.core.guest").stdout
     assert str(installed["collection"] / "plugins" / "modules" / "guest.py") in doc
     assert str(REPO) not in doc
-
-
-def unwrap(value: Any) -> Any:
-    """ansible-inventory writes unsafe strings as {"__ansible_unsafe": "..."}; read them back plainly."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unwrap(v) for v in value]
-    return value
 
 
 def write_inventory(ctx: Dict[str, Any], lab: Dict[str, Any]) -> Path:
