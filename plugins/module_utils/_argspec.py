@@ -9,11 +9,13 @@ imports the planner or the convergence engine."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+import os
+from typing import Any, Dict, List
 
 from ansible.module_utils.basic import env_fallback
 
-from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials
+from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials, with_current_credential_files
+from ._errors import ConfigError
 from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, OWNER_TAG, Placement
 
 
@@ -47,13 +49,28 @@ def connection_argument_spec() -> Dict[str, Any]:
     }
 
 
+def connection_secrets(params: Dict[str, Any]) -> List[str]:
+    """The secrets a module's connection options bring besides O(password) (which no_log hides): a password
+    written in O(uri) (refused, but not shown), and the password read from VIRTFLEET_PASSWORD_FILE."""
+    from ._endpoints import password_from_file, uri_password
+
+    found = [uri_password(params.get("uri"))]
+    if not params.get("password") and not os.environ.get("VMWARE_PASSWORD"):
+        try:
+            found.append(password_from_file(os.environ.get("VIRTFLEET_PASSWORD_FILE")))
+        except ConfigError:
+            pass  # reported, naming the variable, when the endpoint is built
+    return [s for s in found if s]
+
+
 def endpoint_from_params(params: Dict[str, Any]) -> Endpoint:
     """The endpoint a module talks to, with its credentials; raises ConfigError on a bad uri or option,
     before anything is contacted."""
     from ._endpoints import MAX_TIMEOUT, check_bounds, check_transport
 
     check_bounds("timeout", params.get("timeout"), MAX_TIMEOUT)
-    endpoint = parse_endpoint(params["uri"], "uri", allow_uri_commands=bool(params.get("allow_uri_commands")))
+    endpoint = parse_endpoint(with_current_credential_files(params["uri"]), "uri",
+                              allow_uri_commands=bool(params.get("allow_uri_commands")))
     creds = env_credentials(params.get("username"), params.get("password"), params.get("validate_certs"),
                             params.get("ca_path"))
     endpoint = with_credentials(endpoint, creds)

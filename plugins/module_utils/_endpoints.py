@@ -120,6 +120,32 @@ def libvirt_uri_params(uri: str) -> List[Tuple[str, str]]:
     return params
 
 
+# libvirt URI parameters that name a credential's files; an AWX job writes them to its private data directory.
+CREDENTIAL_FILE_PARAMS = ("keyfile", "known_hosts")
+JOB_LIBVIRT_URIS = ("VIRTFLEET_LIBVIRT_URI", "LIBVIRT_DEFAULT_URI")
+
+
+def with_current_credential_files(uri: str) -> str:
+    """URI, or this job's own URI for the same libvirt endpoint when URI names credential files that are gone.
+
+    An AWX inventory is stored by its update job; a later job that reads it finds the update job's keyfile= and
+    known_hosts= paths, deleted with that job's private data directory. The libvirt-over-SSH credential attached
+    to the later job injects the same endpoint (scheme, user, host, port, path) with files of its own
+    (VIRTFLEET_LIBVIRT_URI / LIBVIRT_DEFAULT_URI): that one is used. Anything else is left as it is."""
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri
+    files = [v for k, v in libvirt_uri_params(uri) if k in CREDENTIAL_FILE_PARAMS]
+    if not files or all(os.path.exists(f) for f in files):
+        return uri
+    here = urlsplit(uri)
+    for name in JOB_LIBVIRT_URIS:
+        candidate = os.environ.get(name) or ""
+        there = urlsplit(candidate) if "://" in candidate else None
+        if there and (there.scheme, there.netloc, there.path) == (here.scheme, here.netloc, here.path):
+            return candidate
+    return uri
+
+
 def parse_endpoint(uri: str, option: str = "uri", allow_uri_commands: bool = False) -> Endpoint:
     """Parse one endpoint URI; a bad one raises ConfigError naming OPTION and the value (never a password).
 
@@ -254,6 +280,10 @@ def probe_ports(ports: Any, option: str = "ports") -> List[int]:
     return out
 
 
+# How much of a password file is read: its first line, at most this many characters.
+MAX_PASSWORD_FILE = 4096
+
+
 def password_from_file(path: Optional[str], option: str = "VIRTFLEET_PASSWORD_FILE") -> Optional[str]:
     """The password in the file PATH (its first line), or None without a PATH. A password in a file (as an
     AWX credential injects it) stays out of the environment, which every child process inherits and
@@ -262,7 +292,7 @@ def password_from_file(path: Optional[str], option: str = "VIRTFLEET_PASSWORD_FI
         return None
     try:
         with open(path, encoding="utf-8") as handle:
-            first = handle.readline().rstrip("\r\n")
+            first = handle.readline(MAX_PASSWORD_FILE).rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(option, path, f"cannot be read ({type(exc).__name__})") from None
     if not first:

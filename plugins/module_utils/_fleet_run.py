@@ -21,12 +21,13 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ._argspec import (
     connection_argument_spec,
+    connection_secrets,
     convergence_argument_spec,
     endpoint_from_params,
     placement_from_params,
 )
 from ._converge import RunOptions, converge, planned
-from ._endpoints import check_bounds, env_credentials
+from ._endpoints import check_bounds
 from ._errors import ConcurrentRunError, ConfigError, VirtfleetError, one_line
 from ._fleet import fleet_from_dict
 from ._fleet_plan import OPTIONS, build_plan
@@ -310,11 +311,9 @@ def run_fleet(params: Dict[str, Any], check_mode: bool, user_data: Optional[Dict
 def secrets_of(params: Dict[str, Any], user_data: Optional[Dict[str, Any]] = None) -> List[str]:
     """What no output may carry: the password and every cloud_init.user_data string of the targets' guests and of
     the fleet file (USER_DATA, else read from fleet_file)."""
-    found = [params["password"]] if params.get("password") else []
+    # The password, and one in the uri or read from VIRTFLEET_PASSWORD_FILE.
+    found = ([params["password"]] if params.get("password") else []) + connection_secrets(params)
     try:
-        # The password an AWX credential left in a file (VIRTFLEET_PASSWORD_FILE) is as secret.
-        from_file = None if params.get("password") else env_credentials().password
-        found.extend([from_file] if from_file else [])
         if user_data is None:
             user_data = user_data_of(params.get("fleet_file"))
         found.extend(t for v in user_data.values() for t in secret_strings(v))

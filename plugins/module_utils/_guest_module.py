@@ -9,16 +9,15 @@ Errors become a failure exactly once, here; everything below raises domain excep
 from __future__ import annotations
 
 import copy
-import os
 import traceback
 from typing import Any, Dict, List, NoReturn
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
-from ._argspec import guest_argument_spec, placement_from_params, without_none
+from ._argspec import connection_secrets, guest_argument_spec, placement_from_params, without_none
 from ._converge import RunOptions, converge, diff_of
-from ._endpoints import check_bounds, password_from_file, uri_password
+from ._endpoints import check_bounds
 from ._errors import ConfigError, VirtfleetError, one_line
 from ._guest_read import guest_backend
 from ._model import GuestSpec, guest_spec_from_dict, owner_id
@@ -91,16 +90,7 @@ def hide_secrets(module: AnsibleModule) -> Dict[str, Any]:
     their ``cloud_init.user_data`` is not a declared no_log suboption: it is masked here, and its strings join
     the module's no_log values so that no output can carry them. A password in ``uri`` is hidden the same way.
     """
-    secret = uri_password(module.params.get("uri"))
-    if secret:
-        module.no_log_values.add(secret)
-    if not module.params.get("password") and not os.environ.get("VMWARE_PASSWORD"):
-        try:  # the password of an AWX credential's file injector is as secret as the option
-            secret = password_from_file(os.environ.get("VIRTFLEET_PASSWORD_FILE"))
-        except ConfigError:
-            secret = None  # reported, naming the variable, when the endpoint is built
-        if secret:
-            module.no_log_values.add(secret)
+    module.no_log_values.update(connection_secrets(module.params))
     params = copy.deepcopy(module.params)
     mask_user_data(module, params.get("guests"))
     for target in params.get("targets") or []:  # fleet_guests: each target's guests

@@ -164,7 +164,10 @@ guests:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.virtfleet.core.plugins.module_utils._argspec import connection_argument_spec
+from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
+    connection_argument_spec,
+    connection_secrets,
+)
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError
 from ansible_collections.virtfleet.core.plugins.module_utils._guest_read import guest_backend, select_guests
 from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement
@@ -175,6 +178,7 @@ def main() -> None:
             "power_state": {"type": "str", "choices": ["running", "stopped", "paused", "suspended"]},
             "datacenter": {"type": "str"}}
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    module.no_log_values.update(connection_secrets(module.params))
     params = module.params
     try:
         with guest_backend(module) as backend:

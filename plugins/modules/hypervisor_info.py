@@ -296,10 +296,10 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtfleet.core.plugins.module_utils._argspec import (
     connection_argument_spec,
+    connection_secrets,
     endpoint_from_params,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._discovery import discover_endpoint, paused_gc
-from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import uri_password
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import VirtfleetError
 
 
@@ -307,9 +307,8 @@ def main() -> None:
     spec = connection_argument_spec()
     spec["guests"] = {"type": "bool", "default": False}
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
-    secret = uri_password(module.params.get("uri"))
-    if secret:  # refused below; hidden from the failure's invocation too
-        module.no_log_values.add(secret)
+    # A password in the uri (refused below) or read from VIRTFLEET_PASSWORD_FILE: hidden from every output.
+    module.no_log_values.update(connection_secrets(module.params))
     try:
         endpoint = endpoint_from_params(module.params)
     except VirtfleetError as exc:

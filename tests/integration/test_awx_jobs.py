@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import ansible_runner
 import pytest
@@ -103,12 +104,13 @@ def job(lab: Dict[str, Any], ansible_env: Dict[str, str], tmp_path: Path, libvir
 
 
 def run_job(ctx: Dict[str, Any], pdd: Path, proj: Path, extravars: Dict[str, Any], limit: str = "",
-            key: str = "", playbook: str = "apply.yml") -> Tuple[Any, List[str]]:
-    """One AWX-style job: credentials injected into PDD, then ansible-runner on the project's PLAYBOOK."""
+            key: str = "", playbook: str = "apply.yml", inventory: Optional[Path] = None) -> Tuple[Any, List[str]]:
+    """One AWX-style job: credentials injected into PDD, then ansible-runner on the project's PLAYBOOK, with
+    INVENTORY (a stored one), else the project's inventory source parsed in the job."""
     env, secrets = credentials(ctx["lab"], pdd, key or ctx["key"])
     result = ansible_runner.run(
         private_data_dir=str(pdd), project_dir=str(proj), playbook=playbook,
-        inventory=str(proj / "lab.hypervisors.yml"), envvars={**ctx["base_env"], **env},
+        inventory=str(inventory or proj / "lab.hypervisors.yml"), envvars={**ctx["base_env"], **env},
         extravars={"fleet_file": str(proj / "fleet.yml"), "fleet_out": str(pdd / "out"), **extravars},
         limit=limit or None, quiet=True, ident=uuid.uuid4().hex)
     return result, secrets
@@ -129,6 +131,25 @@ def scan(pdd: Path, secrets: List[str], injected_files: List[Path]) -> int:
     return count
 
 
+def inventory_update(ctx: Dict[str, Any], name: str) -> Tuple[Path, Dict[str, Any], str, List[str]]:
+    """An AWX inventory update: ansible-inventory through ansible-runner in a private data directory of its own,
+    with the credentials injected there; AWX stores the result and deletes that directory. Later jobs get the
+    stored inventory as a script printing it (what AWX hands a job). Returns the script, the inventory, what
+    ansible-inventory printed on stderr, and the secrets injected."""
+    pdd = ctx["dir"] / name
+    proj = project(ctx["lab"], pdd, ctx["fleet"], ctx["prefix"])
+    env, secrets = credentials(ctx["lab"], pdd, ctx["key"])
+    out, err = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
+                                            envvars={**ctx["base_env"], **env}, quiet=True)
+    stored = unwrap(out)
+    shutil.rmtree(pdd / "env" / "credentials")  # the update job is over: its credential files are gone
+    script = ctx["dir"] / f"{name}-stored" / "hosts"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\ncat <<'INVENTORY'\n{json.dumps(stored)}\nINVENTORY\n")
+    script.chmod(0o700)
+    return script, stored, err, secrets
+
+
 def stats_of(result: Any) -> Dict[str, Any]:
     return next(e["event_data"] for e in result.events if e["event"] == "playbook_on_stats")
 
@@ -136,12 +157,11 @@ def stats_of(result: Any) -> Dict[str, Any]:
 def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) -> None:
     lab, pdd = job["lab"], job["dir"] / "job"
     proj = project(lab, pdd, job["fleet"], job["prefix"])
-    env, secrets = credentials(lab, pdd, job["key"])
 
-    # The inventory update, as AWX runs it: ansible-inventory through ansible-runner.
-    out, err = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
-                                            envvars={**job["base_env"], **env}, quiet=True)
-    groups = unwrap(out)
+    # The inventory update, as AWX runs it; the jobs then get the stored inventory, whose libvirt URI names
+    # the update job's key files, gone by then: the job's own credential stands in for them.
+    stored, groups, err, secrets = inventory_update(job, "update1")
+    out = groups
     kvm = lab["libvirt"]["ssh"]["host"]  # a remote libvirt host is named by its endpoint
     assert kvm in groups["kvm"]["hosts"] + groups.get("qemu", {}).get("hosts", []), err
     assert {"DC0_C0_H0", lab["vcsim"]["esx01"]["address"]} <= set(groups["esxi"]["hosts"]), err
@@ -150,7 +170,7 @@ def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) 
     assert uri.startswith("qemu+libssh://root@") and "known_hosts_verify=normal" in uri, uri
     assert not any(s in json.dumps(out) + err for s in secrets)
 
-    result, secrets = run_job(job, pdd, proj, {})
+    result, secrets = run_job(job, pdd, proj, {}, inventory=stored)
     assert (result.status, result.rc) == ("successful", 0), result.stdout.read()[-3000:]
     events = list(result.events)
     stats = stats_of(result)
@@ -168,8 +188,9 @@ def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) 
     assert stats["artifact_data"]["virtfleet_plan"]["digest"] == plan["digest"]
     files = scan(pdd, secrets, [])
 
-    # The rerun (a schedule): nothing changes on any host.
-    again, secrets = run_job(job, pdd, proj, {})
+    # The rerun (a schedule, its inventory updated on launch): nothing changes on any host.
+    stored = inventory_update(job, "update2")[0]
+    again, secrets = run_job(job, pdd, proj, {}, inventory=stored)
     assert again.status == "successful"
     rerun = stats_of(again)
     assert sum(rerun["changed"].values()) == 0 and not rerun["failures"] and rerun["ok"]

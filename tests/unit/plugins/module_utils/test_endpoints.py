@@ -18,6 +18,7 @@ from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import (
     parse_endpoint,
     probe_addresses,
     probe_ports,
+    with_current_credential_files,
 )
 from ansible_collections.virtfleet.core.plugins.module_utils._errors import ConfigError
 
@@ -118,3 +119,21 @@ def test_credentials_errors() -> None:
     with pytest.raises(ConfigError, match=r"credentials\[0\].match='esx\*.example.com': matches no endpoint"):
         check_rules_match(rules, ["kvm01.example.com"], has_probes=False)
     check_rules_match(rules, ["kvm01.example.com"], has_probes=True)  # a probe may still find a match
+
+
+def test_gone_credential_files_are_taken_from_this_jobs_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An AWX inventory stored by its update job names that job's key files, gone by the time a later job
+    reads it: the later job's own URI for the same endpoint is used; any other URI is left as it is."""
+    key = tmp_path / "key"
+    key.write_text("k")
+    stored = "qemu+libssh://root@kvm01.example.com:2222/system?keyfile=/gone/key&known_hosts=/gone/kh"
+    current = f"qemu+libssh://root@kvm01.example.com:2222/system?keyfile={key}&known_hosts={key}"
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    monkeypatch.setenv("VIRTFLEET_LIBVIRT_URI", current)
+    assert with_current_credential_files(stored) == current
+    assert with_current_credential_files(current) == current  # files there: as given
+    other = stored.replace("kvm01", "kvm02")
+    assert with_current_credential_files(other) == other  # another endpoint: never another's credential
+    assert with_current_credential_files("qemu:///system") == "qemu:///system"
+    monkeypatch.delenv("VIRTFLEET_LIBVIRT_URI")
+    assert with_current_credential_files(stored) == stored  # no credential in this job: connecting says why
