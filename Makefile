@@ -88,7 +88,7 @@ integration: collection lab-up
 	$(BIN)/pytest -q tests/integration
 
 # Every Molecule scenario (extensions/molecule): the default scenario's create brings the lab up (and its destroy
-# takes down only what create started); `molecule test -s NAME` runs one scenario, with the same create/destroy.
+# takes it down when create had to start anything); `molecule test -s NAME` runs one scenario, with the same create/destroy.
 # A fresh ephemeral directory: what an interrupted run left there must not decide this one.
 MOLECULE_DIR := $(CURDIR)/.build/molecule
 molecule: collection

@@ -98,7 +98,8 @@ def job(lab: Dict[str, Any], ansible_env: Dict[str, str], tmp_path: Path, libvir
     proj = project(lab, pdd, ctx["fleet"], ctx["prefix"])
     (proj / "fleet.yml").write_text(yaml.safe_dump({"name": ctx["fleet"], "prune": True, "allow_empty": True,
                                                     "guests": []}))
-    run_job(ctx, pdd, proj, {"fleet_remove_storage": True})
+    pruned = run_job(ctx, pdd, proj, {"fleet_remove_storage": True})[0]
+    assert pruned.status == "successful", pruned.stdout.read()[-3000:]
     domains = [d.name() for d in libvirt_conn.listAllDomains(0) if d.name().startswith(ctx["prefix"])]
     remove_libvirt_guests(libvirt_conn, lab["libvirt"]["pool"], domains)
 

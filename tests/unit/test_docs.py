@@ -73,7 +73,7 @@ def runs() -> Dict[str, Tuple[List[str], subprocess.CompletedProcess[str]]]:
     """Every documentation command, run at once: per plugin type the text rendering (what a user reads) and the
     listing, the role entry points by name, the metadata dump (what is checked below) and antsibull-docs' linter."""
     if not (COLLECTION / "galaxy.yml").exists():
-        pytest.skip("no collection copy in .build: run `make collection` first")
+        pytest.fail("no collection copy in .build: run `make collection` first")
     doc = str(BIN / "ansible-doc")
     names = names_in_tree()
     commands: Dict[str, List[str]] = {}
@@ -137,7 +137,7 @@ def test_every_plugin_and_role_is_in_the_json(runs: Dict[str, Any]) -> None:
 
 def test_antsibull_docs_lint_finds_nothing(runs: Dict[str, Any]) -> None:
     if "antsibull-docs" not in runs:
-        pytest.skip("antsibull-docs is not installed (requirements-dev.txt)")
+        pytest.fail("antsibull-docs is not installed (requirements-dev.txt)")
     cmd, proc = runs["antsibull-docs"]
     findings = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 0 and not findings, f"{' '.join(cmd)}: rc={proc.returncode}\n{findings}"
