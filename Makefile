@@ -34,6 +34,10 @@ $(VENV)/.done: requirements.txt requirements-dev.txt tests/lab/python.sh .lab/.a
 	 if [ "$$want" != "$$have" ]; then rm -rf $(VENV) && echo "venv: $(PYTHON)" && $(PYTHON) -m venv $(VENV); fi
 	@$(BIN)/pip install -q --upgrade pip
 	@$(BIN)/pip install -q -r requirements-dev.txt
+	@# Wheels of the collection's runtime requirements (and this ansible-core): the clean-install test
+	@# (tests/integration/test_galaxy_build.py) installs from them alone, without a package index.
+	@$(BIN)/pip wheel -q -w $(VENV)/wheels -r requirements.txt \
+	  "ansible-core==$$($(BIN)/python -c 'import ansible; print(ansible.__version__)')"
 	@touch $@
 
 deps: .lab/.apt-done $(VENV)/.done
