@@ -173,6 +173,8 @@ cache_plugin: ansible.builtin.jsonfile
 cache_connection: ~/.cache/virtfleet
 """
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -314,9 +316,13 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             where = f"endpoints[{i}]"
             if isinstance(item, str):
                 item = {"uri": item}
-            if isinstance(item, dict) and "uri" in item:
+            if isinstance(item, dict) and isinstance(item.get("uri"), str) and "{" in item["uri"]:
                 # A template too, e.g. a lookup of the environment variable an AWX credential injects.
-                item = dict(item, uri=self._render(item["uri"]))
+                rendered = self._render(item["uri"])
+                if not str(rendered).strip():
+                    raise ConfigError(f"{where}.uri", item["uri"], "the template gives an empty URI (is the "
+                                      "credential that sets its variable attached to this job?)")
+                item = dict(item, uri=rendered)
             if not isinstance(item, dict):
                 raise ConfigError(where, HIDDEN, "expected a uri string or a dict with uri or probe")
             extra = sorted(set(item) - {"uri", "probe", "ports"}, key=str)
@@ -363,7 +369,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             text = f"{exc.option}={HIDDEN}: {exc.problem}" if looks_secret(exc.option) else str(exc)
             raise AnsibleParserError(f"{self.NAME} ({path}): {text}") from None
 
-        cache_key = self.get_cache_key(path)
+        # Per file and per endpoint list: templated URIs may name other endpoints in another job.
+        listed = json.dumps([e.uri for e in endpoints] + [list(p) for p in probes], sort_keys=True, default=str)
+        cache_key = f"{self.get_cache_key(path)}_{hashlib.sha256(listed.encode()).hexdigest()[:12]}"
         use_cache = self.get_option("cache")
         results: Optional[List[Dict[str, Any]]] = None
         if use_cache and cache:
