@@ -140,16 +140,16 @@ def test_gone_credential_files_are_taken_from_this_jobs_uri(monkeypatch: pytest.
     assert with_current_credential_files(stored) == stored  # no credential in this job: connecting says why
 
 
-def test_connection_secrets_are_the_uri_password_and_the_file_password(monkeypatch: pytest.MonkeyPatch,
-                                                                      tmp_path: Path) -> None:
+def test_connection_secrets_are_the_uri_and_the_file_password(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
     """What every module adds to its no_log values besides its password option."""
     secret = tmp_path / "password"
     secret.write_text("file-sentinel-123\n")
     monkeypatch.delenv("VMWARE_PASSWORD", raising=False)
     monkeypatch.setenv("VIRTFLEET_PASSWORD_FILE", str(secret))
     assert connection_secrets({"uri": "qemu:///system"}) == ["file-sentinel-123"]
-    assert connection_secrets({"uri": "vsphere://u:uri-sentinel@vc.example.com"}) == ["uri-sentinel",
-                                                                                       "file-sentinel-123"]
+    in_uri = connection_secrets({"uri": "vsphere://u:uri-sentinel@vc.example.com"})
+    assert in_uri == ["uri-sentinel", "file-sentinel-123"]
     assert connection_secrets({"uri": "qemu:///system", "password": "given"}) == []  # no_log hides it
     monkeypatch.setenv("VIRTFLEET_PASSWORD_FILE", str(tmp_path / "missing"))
     assert connection_secrets({"uri": "qemu:///system"}) == []  # the run reports the file, naming it
