@@ -9,7 +9,6 @@ imports the planner or the convergence engine."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, List
 
 from ansible.module_utils.basic import env_fallback
@@ -51,13 +50,14 @@ def connection_argument_spec() -> Dict[str, Any]:
 
 def connection_secrets(params: Dict[str, Any]) -> List[str]:
     """The secrets a module's connection options bring besides O(password) (which no_log hides): a password
-    written in O(uri) (refused, but not shown), and the password read from VIRTFLEET_PASSWORD_FILE."""
-    from ._endpoints import password_from_file, uri_password
+    written in O(uri) (refused, but not shown), and, without O(password), the one the environment gives
+    (env_password: the file VIRTFLEET_PASSWORD_FILE names is no option AnsibleModule knows to hide)."""
+    from ._endpoints import env_password, uri_password
 
     found = [uri_password(params.get("uri"))]
-    if not params.get("password") and not os.environ.get("VMWARE_PASSWORD"):
+    if not params.get("password"):
         try:
-            found.append(password_from_file(os.environ.get("VIRTFLEET_PASSWORD_FILE")))
+            found.append(env_password())
         except ConfigError:
             pass  # reported, naming the variable, when the endpoint is built
     return [s for s in found if s]

@@ -284,19 +284,22 @@ def probe_ports(ports: Any, option: str = "ports") -> List[int]:
 MAX_PASSWORD_FILE = 4096
 
 
-def password_from_file(path: Optional[str], option: str = "VIRTFLEET_PASSWORD_FILE") -> Optional[str]:
-    """The password in the file PATH (its first line), or None without a PATH. A password in a file (as an
-    AWX credential injects it) stays out of the environment, which every child process inherits and
-    ansible-runner records."""
+def env_password() -> Optional[str]:
+    """The password the environment gives: VMWARE_PASSWORD, else the first line of the file VIRTFLEET_PASSWORD_FILE
+    names (how the collection's AWX credential injects it: a password in a file stays out of the environment,
+    which every child process inherits and ansible-runner records), else None."""
+    if os.environ.get("VMWARE_PASSWORD"):
+        return os.environ["VMWARE_PASSWORD"]
+    path = os.environ.get("VIRTFLEET_PASSWORD_FILE")
     if not path:
         return None
     try:
         with open(path, encoding="utf-8") as handle:
             first = handle.readline(MAX_PASSWORD_FILE).rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(option, path, f"cannot be read ({type(exc).__name__})") from None
+        raise ConfigError("VIRTFLEET_PASSWORD_FILE", path, f"cannot be read ({type(exc).__name__})") from None
     if not first:
-        raise ConfigError(option, path, "is empty")
+        raise ConfigError("VIRTFLEET_PASSWORD_FILE", path, "is empty")
     return first
 
 
@@ -309,7 +312,7 @@ def env_credentials(username: Optional[str] = None, password: Optional[str] = No
     if username is None:
         username = os.environ.get("VMWARE_USER") or None
     if password is None:
-        password = os.environ.get("VMWARE_PASSWORD") or password_from_file(os.environ.get("VIRTFLEET_PASSWORD_FILE"))
+        password = env_password()
     if validate_certs is None:
         validate_certs = os.environ.get("VMWARE_VALIDATE_CERTS", True)
     if ca_path is None:

@@ -203,12 +203,7 @@ def test_inventory_update_and_apply_through_ansible_runner(job: Dict[str, Any]) 
 def test_job_slicing_converges_the_union_once(job: Dict[str, Any]) -> None:
     """AWX job slicing: N jobs at the same time, slice i holding every N-th hypervisor (i, i+N, ...)."""
     lab = job["lab"]
-    first = job["dir"] / "inventory"
-    proj = project(lab, first, job["fleet"], job["prefix"])
-    env = credentials(lab, first, job["key"])[0]
-    out = ansible_runner.get_inventory("list", [str(proj / "lab.hypervisors.yml")], response_format="json",
-                                       envvars={**job["base_env"], **env}, quiet=True)[0]
-    hypervisors = sorted(out["hypervisors"]["hosts"])
+    hypervisors = sorted(inventory_update(job, "inventory")[1]["hypervisors"]["hosts"])
     slices = [hypervisors[i::SLICES] for i in range(SLICES)]
 
     # Each slice a job process of its own, as AWX's execution nodes run them: `ansible-runner run` on a private
