@@ -181,3 +181,22 @@ def test_wrap_var_is_only_skipped_where_ansible_does_not_trust_plugin_data(versi
     from ansible_collections.virtfleet.core.plugins.inventory import hypervisors
 
     assert hypervisors._untrusted_by_default(version) is untrusted
+
+
+def test_a_templated_uri_takes_the_credential_variable_and_refuses_an_empty_one(
+        inventory_plugin: Any, fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint uri may be a template (an AWX credential's variable); one that renders empty, its credential
+    not attached, is one line naming the endpoint, and nothing is contacted."""
+    from ansible.template import trust_as_template
+
+    uri = trust_as_template("{{ lookup('ansible.builtin.env', 'VF_TEST_URI') }}")
+    monkeypatch.setenv("VF_TEST_URI", "vsphere://esx09")
+    fake.table = {"esx09": esx("esx09", [])}
+    assert "esx09" in members(run(inventory_plugin, {"endpoints": [uri]}), "hypervisors")
+    assert fake.contacted == ["vsphere://esx09"]
+    fake.contacted = []
+    monkeypatch.delenv("VF_TEST_URI")
+    with pytest.raises(AnsibleParserError) as err:
+        run(inventory_plugin, {"endpoints": [uri]})
+    assert "endpoints[0].uri=" in str(err.value) and "the template gives an empty URI" in str(err.value)
+    assert "\n" not in str(err.value) and fake.contacted == []
