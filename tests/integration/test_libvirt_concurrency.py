@@ -153,3 +153,57 @@ def test_two_runs_that_planned_the_same_creates_race_safely(
         assert "created meanwhile by another run" in lost[0]["msg"] and "\n" not in lost[0]["msg"], lost[0]
         meanwhile += 1
     assert meanwhile == len(guest_names)
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["stopped", "running"])
+def test_a_disk_grown_after_the_read_is_never_shrunk_by_the_planned_grow(
+        lab: dict[str, Any], libvirt_conn: Any, run_module: Any, guest_names: list[str], running: bool) -> None:
+    """Another run (or a person) grows a disk between this run's read and its apply. The planned grow is to a
+    smaller size than the disk has now: it is done already, the run succeeds, and the disk keeps its size (a
+    resize to the planned size would be refused by libvirt for a volume, and would shrink a running image).
+    Found by the first test of this file in CI, with one run reading a guest the other was still creating."""
+    from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge
+    from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import parse_endpoint
+    from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement, guest_spec_from_dict
+    from ansible_collections.virtfleet.core.plugins.module_utils.backends.libvirt import LibvirtBackend
+
+    name = guest_names[0]
+    base = {"uri": lab["libvirt"]["uri"], "datastore": lab["libvirt"]["pool"], "domain_type": lab["domain_type"]}
+    data: dict[str, Any] = {"name": name, "vcpus": 1, "memory_mib": 128, "disks": [{"name": "root", "size_gib": 0.01}],
+                            "nics": [{"network": lab["libvirt"]["network"]}]}
+    if running:
+        data["state"] = "running"
+        data["boot"] = {"kernel": lab["guest"]["kernel"], "initrd": lab["guest"]["initrd"],
+                        "cmdline": "console=ttyS0 quiet"}
+    made = run_module("guest", {**base, **data})
+    assert made["changed"] is True and made["_status"] != "FAILED!", made
+    meanwhile = int(0.03 * 1024**3)
+    vol = libvirt_conn.storagePoolLookupByName(lab["libvirt"]["pool"]).storageVolLookupByName(f"{name}+root.qcow2")
+    dom = libvirt_conn.lookupByName(name)
+
+    def capacity() -> int:
+        return int(dom.blockInfo("vda", 0)[0]) if running else int(vol.info()[1])
+
+    with LibvirtBackend(parse_endpoint(lab["libvirt"]["uri"]), 30) as backend:
+        read = backend.read_guests
+        grown: list[bool] = []
+
+        def read_then_grow(placement: Any) -> Any:
+            states = read(placement)
+            if grown:
+                return states  # once, after the read the plan is made from
+            grown.append(True)
+            if running:
+                dom.blockResize("vda", meanwhile, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            else:
+                vol.resize(meanwhile, 0)
+            return states
+
+        backend.read_guests = read_then_grow  # type: ignore[method-assign]
+        wanted = {**data, "disks": [{"name": "root", "size_gib": 0.02, "pool": lab["libvirt"]["pool"]}]}
+        place = Placement(pool=lab["libvirt"]["pool"], domain_type=lab["domain_type"])
+        result = converge(backend, [guest_spec_from_dict(wanted)], place, RunOptions())[0].to_dict()
+    assert not result["failed"], result
+    assert [c["field"] for c in result["changes"]] == ["disks[root].size_gib"], result
+    assert capacity() >= meanwhile, "the disk grown meanwhile was shrunk"
+    assert run_module("guest", {**base, **data, "disks": [{"name": "root", "size_gib": 0.03}]})["changed"] is False

@@ -165,8 +165,8 @@ def _grow_disk(edit: Edit, change: Change) -> None:
     target = edit.disks[str(change.key)]
     size = int(change.after * 1024**3)
     if edit.running:  # QEMU resizes the image it has open
-        edit.then.append((f"grow disk {target.name!r} (live)", edit.dom.blockResize,
-                          (target.dev, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)))
+        edit.then.append((f"grow disk {target.name!r} (live)", storage.grow_running,
+                          (edit.session, edit.dom, target, size)))
     else:
         edit.then.append((f"grow disk {target.name!r}", storage.grow_volume, (edit.session, target, size)))
 

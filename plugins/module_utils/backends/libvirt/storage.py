@@ -123,9 +123,30 @@ def make_volume(session: Session, guest: str, disk: DiskSpec, pool_name: str, vo
     return vol, True
 
 
+def grow(session: Session, what: str, capacity: Callable[[], int], resize: Callable[[], Any], size: int) -> None:
+    """Resize to SIZE bytes unless CAPACITY() is that much already. A grow never shrinks: the size was read before
+    the plan, and a disk grown meanwhile (another run converging the same guest, or a person) is left as it is,
+    also when it grows between this look and the resize (libvirt then refuses the smaller size)."""
+    if session.call(what, capacity) >= size:
+        return
+    try:
+        session.calls += 1
+        resize()
+    except libvirt.libvirtError as exc:
+        if session.call(what, capacity) >= size:
+            return
+        raise session.error(what, exc) from None
+
+
 def grow_volume(session: Session, disk: Disk, size: int) -> None:
     vol = session.call(f"volume of disk {disk.name!r}", disk_volume, session, disk)
-    session.call(f"grow disk {disk.name!r}", vol.resize, size, 0)
+    grow(session, f"grow disk {disk.name!r}", lambda: vol.info()[1], lambda: vol.resize(size, 0), size)
+
+
+def grow_running(session: Session, dom: Any, disk: Disk, size: int) -> None:
+    """Grow the image a running guest has open (QEMU resizes it; blockInfo reads its capacity)."""
+    grow(session, f"grow disk {disk.name!r} (live)", lambda: dom.blockInfo(disk.dev, 0)[0],
+         lambda: dom.blockResize(disk.dev, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES), size)
 
 
 def write_seed(session: Session, cloud_init: CloudInit, pool_name: str, name: str) -> List[Any]:
@@ -140,8 +161,18 @@ def write_seed(session: Session, cloud_init: CloudInit, pool_name: str, name: st
         if vol.info()[1] < len(data):
             session.call("seed resize", vol.resize, len(data), 0)
     except libvirt.libvirtError:
-        vol = session.call("seed volume", pool.createXML, _volume_xml(name, len(data), "raw"), 0)
-        created.append(vol)
+        try:
+            session.calls += 1
+            vol = pool.createXML(_volume_xml(name, len(data), "raw"), 0)
+            created.append(vol)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+                raise session.error("seed volume", exc) from None
+            # Another run converging this guest made it meanwhile: the seed is generated from the same options,
+            # so both write the same bytes; the volume is that run's, never ours to delete on an undo.
+            vol = session.call("seed volume", pool.storageVolLookupByName, name)
+            if session.call("seed volume", vol.info)[1] < len(data):
+                session.call("seed resize", vol.resize, len(data), 0)
     stream = session.connect().newStream(0)
     session.call("seed upload", vol.upload, stream, 0, len(data), 0)
     session.call("seed upload", stream.send, data)

@@ -60,9 +60,12 @@ class FakeVol:
     def info(self) -> list[int]:
         return [0, self.capacity, self.capacity]
 
-    def resize(self, size: int, _flags: int) -> int:
+    def resize(self, size: int, flags: int) -> int:
         self.pool.conn.hook("resize")
-        self.capacity = max(self.capacity, size)
+        if size < self.capacity and not flags & lv.VIR_STORAGE_VOL_RESIZE_SHRINK:
+            raise error(lv.VIR_ERR_INVALID_ARG, "invalid argument: Can't shrink capacity below current capacity "
+                        "unless shrink flag explicitly specified")
+        self.capacity = size
         return 0
 
     def delete(self, _flags: int) -> int:
@@ -490,6 +493,34 @@ def test_a_seed_update_killed_before_the_seed_is_written_is_written_by_the_next_
     assert [c["field"] for c in run([newer])[0]["changes"]] == ["cloud_init"]
     assert run([newer])[0]["changed"] is False
     assert b"v2" in conn.pools[POOL].volumes["web01+cidata.iso"].data
+
+
+def test_a_disk_grown_by_another_run_just_before_our_grow_is_left_as_it_is(conn: FakeConn) -> None:
+    run([desired()])
+    root = conn.pools[POOL].volumes["web01+root.qcow2"]
+    conn.hooks["resize"] = lambda: setattr(root, "capacity", 3 * 1024**3)  # between our look and our resize
+    result = run([desired(disks=[{"name": "root", "size_gib": 2}, {"name": "data", "size_gib": 2}])])
+    assert not result[0]["failed"], result
+    assert [c["field"] for c in result[0]["changes"]] == ["disks[root].size_gib"]
+    assert root.capacity == 3 * 1024**3, "a grow never shrinks"
+
+
+def test_a_seed_volume_made_meanwhile_by_another_run_is_written_not_refused(
+        conn: FakeConn, monkeypatch: pytest.MonkeyPatch) -> None:
+    create = FakePool.createXML
+
+    def other_run_first(pool: FakePool, xml: str, flags: int) -> FakeVol:
+        name = ET.fromstring(xml).findtext("name") or ""
+        if name.endswith("+cidata.iso") and name not in pool.volumes:
+            pool.volumes[name] = FakeVol(pool, name, 1)  # the other run's seed, not yet written
+        return create(pool, xml, flags)
+
+    monkeypatch.setattr(FakePool, "createXML", other_run_first)
+    result = run([desired()])
+    assert not result[0]["failed"] and result[0]["changed"], result
+    seed = conn.pools[POOL].volumes["web01+cidata.iso"]
+    assert b"instance-id" in seed.data and seed.capacity >= len(seed.data)
+    assert run([desired()])[0]["changed"] is False
 
 
 def test_a_failing_define_leaves_autostart_seed_and_volumes_as_they_were(conn: FakeConn) -> None:
