@@ -256,7 +256,8 @@ def update_guest(session: Session, current: GuestState, plan: GuestPlan) -> None
     """Each change is applied by its own function (apply.APPLY, keyed by kind and attribute) to the persistent
     definition, read with its secrets (VIR_DOMAIN_XML_SECURE) so a re-define keeps console passwords. Then, in
     this order: define only if something beyond our metadata changed (else setMetadata), check what was stored,
-    make the storage it names (undone with the define if that fails), write the seed and record its digest, then
+    make the storage it names (undone with the define if that fails, unless another run made
+    that volume meanwhile), write the seed and record its digest, then
     autostart and the running guest's changes."""
     dom = current.ref
     name = current.spec.name
@@ -289,6 +290,10 @@ def update_guest(session: Session, current: GuestState, plan: GuestPlan) -> None
             vol, created = func(*args)
             if created:
                 made.append(vol)
+    except ConcurrentRunError:
+        # Another run converging this guest made the volume: its definition names it as ours does, and restoring
+        # the definition read before would drop that run's disk. Left as it is, it converges (as in create_guest).
+        raise
     except Exception:
         undo()
         storage.undo_create(None, made)

@@ -393,6 +393,24 @@ def test_a_volume_created_meanwhile_means_another_run_took_the_guest_over_and_no
     assert volumes(conn) == {"web01+root.qcow2", "web01+data.qcow2"}
 
 
+def test_a_disk_another_run_adds_at_the_same_time_is_not_rolled_back(conn: FakeConn) -> None:
+    run([desired()])
+    more = desired(disks=[{"name": "root", "size_gib": 1}, {"name": "data", "size_gib": 2},
+                          {"name": "logs", "size_gib": 1}])
+    pool = conn.pools[POOL]
+
+    def other_run_made_logs() -> None:  # it planned the same disk, defined it as we did and made it first
+        if "web01+logs.qcow2" not in pool.volumes:
+            pool.volumes["web01+logs.qcow2"] = FakeVol(pool, "web01+logs.qcow2", 1024**3)
+
+    conn.hooks["createXML"] = other_run_made_logs
+    lost = run([more])[0]
+    del conn.hooks["createXML"]
+    assert lost["failed"] and "created meanwhile by another run" in lost["msg"], lost
+    assert conn.lookupByName("web01").root.findall("./devices/disk/alias[@name='ua-logs']"), "its disk was dropped"
+    assert run([more])[0]["changed"] is False
+
+
 def test_a_failed_create_keeps_a_reused_volume(conn: FakeConn) -> None:
     conn.pools[POOL].volumes["web01+root.qcow2"] = FakeVol(conn.pools[POOL], "web01+root.qcow2", 1024**3)
     conn.hooks["setAutostart"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "boom"))
