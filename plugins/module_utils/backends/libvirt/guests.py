@@ -256,9 +256,8 @@ def update_guest(session: Session, current: GuestState, plan: GuestPlan) -> None
     """Each change is applied by its own function (apply.APPLY, keyed by kind and attribute) to the persistent
     definition, read with its secrets (VIR_DOMAIN_XML_SECURE) so a re-define keeps console passwords. Then, in
     this order: define only if something beyond our metadata changed (else setMetadata), check what was stored,
-    make the storage it names (undone with the define if that fails, unless another run made
-    that volume meanwhile), write the seed and record its digest, then
-    autostart and the running guest's changes."""
+    make the storage it names (undone with the define if that fails, unless another run made that volume
+    meanwhile), write the seed and record its digest, then autostart and the running guest's changes."""
     dom = current.ref
     name = current.spec.name
     previous = session.call("read definition", dom.XMLDesc,
