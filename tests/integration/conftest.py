@@ -54,22 +54,38 @@ BIN = Path(sys.executable).parent
 
 
 def remove_libvirt_guests(conn: Any, pool_name: str, names: list[str]) -> None:
-    """Remove the domains NAMES and their volumes (NAME+...): what a test made, whatever state it left."""
+    """Remove the domains NAMES and their volumes (NAME+...): what a test made, whatever state it left. Each
+    step is tried again for a while (a pool refresh or a volume is refused while libvirt still writes one), and
+    what is left in the end fails the test, naming it, instead of leaking into the next one."""
+    import time
+
     import libvirt
 
     pool = conn.storagePoolLookupByName(pool_name)
-    pool.refresh(0)
-    for name in names:
+    deadline = time.monotonic() + 30
+    while True:
+        left = []
         try:
-            dom = conn.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            pass
-        for vol in pool.listAllVolumes(0):
-            if vol.name().startswith(name + "+"):
-                vol.delete(0)
+            pool.refresh(0)
+            domains = {d.name(): d for d in conn.listAllDomains(0)}
+            for name in names:
+                dom = domains.get(name)
+                if dom is not None:
+                    left.append(name)
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+                for vol in pool.listAllVolumes(0):
+                    if vol.name().startswith(name + "+"):
+                        left.append(vol.name())
+                        vol.delete(0)
+        except libvirt.libvirtError as exc:
+            left.append(str(exc))
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"test guests left in the lab: {left}")
+        time.sleep(0.5)
 
 
 @pytest.fixture()

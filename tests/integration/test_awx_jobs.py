@@ -66,7 +66,7 @@ def project(lab: Dict[str, Any], pdd: Path, fleet: str, prefix: str) -> Path:
                          "username": "{{ lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_USER') }}",
                          "password": "{{ lookup('ansible.builtin.file', "
                                      "lookup('ansible.builtin.env', 'VIRTFLEET_REDFISH_PASSWORD_FILE')) }}"}],
-        "guests": True, "timeout": 5}))
+        "guests": True, "timeout": 30}))
     for which in ("plan", "apply"):
         play = {"name": f"Fleet {which}", "ansible.builtin.import_playbook": f"virtfleet.core.{which}"}
         (proj / f"{which}.yml").write_text(yaml.safe_dump([play]))

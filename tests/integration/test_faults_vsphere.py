@@ -52,6 +52,7 @@ FIGURES: list[dict[str, Any]] = []
 SIM = lab_module.VcsimEndpoint("faults", "127.0.10.13", "esx", ("-vms", "0"))
 PID_NAME = "vcsim-faults"
 TIMEOUT = 3.0
+THAWS: list[threading.Timer] = []  # the pending SIGCONTs of freeze_at
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +117,31 @@ def freeze_at(monkeypatch: pytest.MonkeyPatch, method: str, nth: int, seconds: f
             seen.append(method)
             if len(seen) == nth:
                 signal_sim(signal.SIGSTOP)
-                threading.Timer(seconds, signal_sim, args=(signal.SIGCONT,)).start()
+                thaw = threading.Timer(seconds, signal_sim, args=(signal.SIGCONT,))
+                THAWS.append(thaw)
+                thaw.start()
         return original(self, mo, info, args, *rest)
 
     monkeypatch.setattr(SoapAdapter.SoapStubAdapter, "InvokeMethod", invoke)
     return seen
 
 
+def settle(lab: dict[str, Any]) -> None:
+    """Until the simulator is thawed and whatever it had queued has run: its VM list the same twice, 1 s apart."""
+    while THAWS:
+        THAWS.pop().join(60)
+    deadline = time.monotonic() + 60
+    names = sorted(vm_names(lab))
+    while True:
+        time.sleep(1)
+        now = sorted(vm_names(lab))
+        if now == names or time.monotonic() > deadline:
+            return
+        names = now
+
+
 def after_fault(lab: dict[str, Any], specs: list[GuestSpec], point: str, first: Any, seen: list[str]) -> None:
-    time.sleep(2 * TIMEOUT + 1)  # thawed, and whatever it had queued has run
+    settle(lab)
     again = run(lab, specs)
     rerun = run(lab, specs)
     names = vm_names(lab)
@@ -177,7 +194,7 @@ def test_vcsim_frozen_between_power_off_and_destroy(sim: dict[str, Any], prefix:
     seen = freeze_at(monkeypatch, "Destroy_Task", 1, 2 * TIMEOUT)
     first = run(sim, [GuestSpec(name=s.name, state="absent") for s in specs], remove_storage=True)
     monkeypatch.undo()
-    time.sleep(2 * TIMEOUT + 1)
+    settle(sim)
     again = run(sim, [GuestSpec(name=s.name, state="absent") for s in specs], remove_storage=True)
     left = sorted(set(vm_names(sim)) & {s.name for s in specs})
     FIGURES.append({"fault_point": "vcsim frozen at Destroy_Task #1", "calls_seen": len(seen),

@@ -202,14 +202,14 @@ def test_exclusive_removes_only_owned_guests(
         lab: dict[str, Any], libvirt_conn: Any, run_module: Run, names: list[str]) -> None:
     keep, prune, foreign = unique("ex-keep"), unique("ex-prune"), unique("ex-foreign")
     names.extend([keep, prune, foreign])
-    run_module("guests", {**base_args(lab), "guests": [spec(keep, lab), spec(prune, lab)]})
+    owner = f"test-{keep}"  # an owner of this test's own: exclusive prunes every other guest that owner owns
+    run_module("guests", {**base_args(lab), "owner": owner, "guests": [spec(keep, lab), spec(prune, lab)]})
     libvirt_conn.defineXML(f"<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>32</memory>"
                            "<os><type arch='x86_64'>hvm</type></os></domain>")
-    # remove_storage: the pruned guests' disks go too (in the lab that includes any other owned guest's).
-    args = {**base_args(lab), "guests": [spec(keep, lab)], "exclusive": True, "remove_storage": True}
+    args = {**base_args(lab), "owner": owner, "guests": [spec(keep, lab)], "exclusive": True, "remove_storage": True}
     planned = run_module("guests", args, check=True)
     removed = {g["name"] for g in planned["guests"] if g["action"] == "remove"}
-    assert prune in removed and foreign not in removed and not any(n.startswith("vflab-") for n in removed)
+    assert removed == {prune}, planned
     assert exists(libvirt_conn, prune)
     done = run_module("guests", args)
     assert {g["name"] for g in done["guests"] if g["action"] == "remove"} == removed

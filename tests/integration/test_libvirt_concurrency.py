@@ -41,19 +41,27 @@ def guests_args(lab: dict[str, Any], names: list[str], vcpus: int) -> dict[str, 
 
 
 def at_once(args: dict[str, Any], env: dict[str, str], runs: int = 2) -> list[dict[str, Any]]:
-    """RUNS `guests` module processes started together; their results."""
+    """RUNS `guests` module processes started together; their results. None outlives the call (a run left
+    behind would still be changing the lab while the next test, or the teardown, reads it)."""
     cmd = [str(BIN / "ansible"), "localhost", "-m", "virtfleet.core.guests", "-a", json.dumps(args)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _unused in range(runs)]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        head, sep, body = out.partition(" => ")
-        assert sep, f"no result: rc={proc.returncode}\n{out}\n{err}"
-        result = json.loads(body[body.index("{"):])
-        result["_status"] = head.rsplit("|", 1)[-1].strip()
-        results.append(result)
-    return results
+    try:
+        return [_result(proc) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(60)
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=600)
+    head, sep, body = out.partition(" => ")
+    assert sep, f"no result: rc={proc.returncode}\n{out}\n{err}"
+    result: dict[str, Any] = json.loads(body[body.index("{"):])
+    result["_status"] = head.rsplit("|", 1)[-1].strip()
+    return result
 
 
 def per_guest(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -104,7 +112,12 @@ def test_two_runs_at_once_end_in_the_declared_state_and_report_honestly(
 def _converge_after_barrier(uri: str, data: list[dict[str, Any]], pool: str, domain_type: str, barrier: Any,
                             out: Any) -> None:
     """One run in its own process: it reads the host, waits until the other run has read it too (so both plan
-    the same creates from the same empty host), then applies."""
+    the same creates from the same empty host), then applies. A spawned process (a fork of pytest would copy
+    the libvirt event loop thread's locks in whatever state they are): it imports the collection as
+    tests/conftest.py does."""
+    from ansible.utils.collection_loader._collection_finder import _AnsibleCollectionFinder
+
+    _AnsibleCollectionFinder(paths=[str(BIN.parents[1] / ".build")])._install()
     from ansible_collections.virtfleet.core.plugins.module_utils._converge import RunOptions, converge
     from ansible_collections.virtfleet.core.plugins.module_utils._endpoints import parse_endpoint
     from ansible_collections.virtfleet.core.plugins.module_utils._model import Placement, guest_spec_from_dict
@@ -130,18 +143,23 @@ def test_two_runs_that_planned_the_same_creates_race_safely(
         lab: dict[str, Any], libvirt_conn: Any, guest_names: list[str]) -> None:
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
     args = guests_args(lab, guest_names, 1)
     data = [{**g, "disks": [{**d, "pool": lab["libvirt"]["pool"]} for d in g["disks"]]} for g in args["guests"]]
     procs = [ctx.Process(target=_converge_after_barrier,
                          args=(lab["libvirt"]["uri"], data, lab["libvirt"]["pool"], lab["domain_type"], barrier, out))
              for _unused in range(2)]
-    for proc in procs:
-        proc.start()
-    runs = [out.get(timeout=300) for _unused in procs]
-    for proc in procs:
-        proc.join(60)
+    try:
+        for proc in procs:
+            proc.start()
+        runs = [out.get(timeout=300) for _unused in procs]
+    finally:
+        for proc in procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(60)
     assert_declared(libvirt_conn, lab, guest_names, 1)
     meanwhile = 0
     for name in guest_names:

@@ -152,9 +152,12 @@ def _add_disk(edit: Edit, change: Change) -> None:
     kept = storage.existing_volume(edit.session, pool, volume)
     # Recorded before the volume is made, so that a run stopped in between leaves a guest that knows it.
     records = [r for r in edit.meta.findall(ns("disk")) if r.get("name") == disk.name]
-    record = records[0] if records else sub(edit.meta, ns("disk"), name=disk.name, source=disk.source)
-    record.set("created", "no" if kept is not None else "yes")
-    edit.meta_changed = True
+    if not records or kept is None:
+        # A record that exists already was written by the run that defined this disk, before its volume was made:
+        # a volume found now is that run's (still creating this guest), so its record stays as written.
+        record = records[0] if records else sub(edit.meta, ns("disk"), name=disk.name, source=disk.source)
+        record.set("created", "no" if kept is not None else "yes")
+        edit.meta_changed = True
     edit.storage.append((f"disk {disk.name!r}", storage.make_volume, (edit.session, edit.name, disk, pool, volume,
                                                                       kept)))
     if edit.hot(change):

@@ -85,9 +85,14 @@ def read_guests(session: Session) -> List[GuestState]:
         state = _state(session, dom, root, values, autostart, volumes)
         if state.power_state in _ACTIVE:
             # What a restart would change: compare the persistent definition with the running one.
-            live = ET.fromstring(session.call("live definition", dom.XMLDesc, 0))  # noqa: S314
-            wanted, running = restart_view(root), restart_view(live)
-            state.pending_restart = sorted(k for k in wanted if wanted[k] != running[k])
+            try:
+                session.calls += 1
+                live = ET.fromstring(dom.XMLDesc(0))  # noqa: S314
+            except libvirt.libvirtError:
+                live = None  # stopped or undefined meanwhile: nothing runs that a restart would change
+            if live is not None:
+                wanted, running = restart_view(root), restart_view(live)
+                state.pending_restart = sorted(k for k in wanted if wanted[k] != running[k])
         states.append(state)
     return sorted(states, key=lambda s: s.spec.name)
 
@@ -353,8 +358,18 @@ def _shut_down(session: Session, current: GuestState, timeout: float, force: boo
     if not force:
         raise session.fail(f"guest {name!r} did not shut down within {timeout:g}s (ACPI ignored?); set force: true "
                            "to power it off")
-    session.call(f"power off guest {name!r}", dom.destroy)
+    _power_off(session, dom, name)
     return True
+
+
+def _power_off(session: Session, dom: Any, name: str) -> None:
+    """Power the guest off; one that went off meanwhile (it shut down, another run stopped it) is what was asked."""
+    try:
+        session.calls += 1
+        dom.destroy()
+    except libvirt.libvirtError as exc:
+        if session.call("guest state", dom.state)[0] not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            raise session.error(f"power off guest {name!r}", exc) from None
 
 
 def stop_guest(session: Session, current: GuestState, timeout: float, force: bool) -> None:
@@ -401,7 +416,7 @@ def _remove(session: Session, current: GuestState, remove_storage: bool) -> None
     name = current.spec.name
     root = ET.fromstring(session.call("read definition", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE))  # noqa: S314
     if session.call("guest state", dom.state)[0] not in (libvirt.VIR_DOMAIN_SHUTOFF,):
-        session.call(f"power off guest {name!r}", dom.destroy)
+        _power_off(session, dom, name)
     flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
              | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
     # Storage first, the definition last: a run stopped in between leaves a guest that still lists what it

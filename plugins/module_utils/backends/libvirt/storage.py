@@ -8,10 +8,11 @@ created."""
 from __future__ import annotations
 
 import functools
+import time
 import xml.etree.ElementTree as ET
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..._errors import ConcurrentRunError, ConfigError
+from ..._errors import ConcurrentRunError, ConfigError, EndpointError
 from ..._model import CloudInit, DiskSpec, GuestSpec, gib
 from .codec import Disk, build_seed_iso, sub, to_xml
 from .session import Session, libvirt
@@ -99,8 +100,7 @@ def make_volume(session: Session, guest: str, disk: DiskSpec, pool_name: str, vo
     pool = _pool(session, pool_name)
     size = int((disk.size_gib or 0) * 1024**3)
     if kept is not None:
-        if size > session.call("volume info", kept.info)[1]:
-            session.call("volume resize", kept.resize, size, 0)
+        grow(session, f"volume {volume!r}", lambda: kept.info()[1], lambda: kept.resize(size, 0), size)
         return kept, False
     vol_xml = _volume_xml(volume, size, disk.format or "qcow2")
     source = None
@@ -123,19 +123,36 @@ def make_volume(session: Session, guest: str, disk: DiskSpec, pool_name: str, vo
     return vol, True
 
 
+BUSY_WAIT = 10.0  # seconds a volume another run is still creating or writing is waited for
+
+
+def settled(session: Session, what: str, func: Callable[..., Any], *args: Any) -> Any:
+    """FUNC(*ARGS) on a volume that another run converging the same guest may still be creating or writing:
+    libvirt refuses with VIR_ERR_OPERATION_INVALID ("still being allocated", "still in use") until it is done,
+    so that is retried for up to BUSY_WAIT seconds. Any other error, or that one for longer, is one line."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        session.calls += 1
+        try:
+            return func(*args)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or time.monotonic() >= deadline:
+                raise session.error(what, exc) from None
+        time.sleep(0.1)
+
+
 def grow(session: Session, what: str, capacity: Callable[[], int], resize: Callable[[], Any], size: int) -> None:
     """Resize to SIZE bytes unless CAPACITY() is that much already. A grow never shrinks: the size was read before
     the plan, and a disk grown meanwhile (another run converging the same guest, or a person) is left as it is,
     also when it grows between this look and the resize (libvirt then refuses the smaller size)."""
-    if session.call(what, capacity) >= size:
+    if settled(session, what, capacity) >= size:
         return
     try:
-        session.calls += 1
-        resize()
-    except libvirt.libvirtError as exc:
-        if session.call(what, capacity) >= size:
+        settled(session, what, resize)
+    except EndpointError:
+        if settled(session, what, capacity) >= size:
             return
-        raise session.error(what, exc) from None
+        raise
 
 
 def grow_volume(session: Session, disk: Disk, size: int) -> None:
@@ -155,26 +172,21 @@ def write_seed(session: Session, cloud_init: CloudInit, pool_name: str, name: st
     data = build_seed_iso(cloud_init)
     pool = _pool(session, pool_name)
     created = []
-    try:
-        session.calls += 1
-        vol = pool.storageVolLookupByName(name)
-        if vol.info()[1] < len(data):
-            session.call("seed resize", vol.resize, len(data), 0)
-    except libvirt.libvirtError:
+    vol = session.lookup(pool.storageVolLookupByName, name)
+    if vol is None:
         try:
             session.calls += 1
-            vol = pool.createXML(_volume_xml(name, len(data), "raw"), 0)
-            created.append(vol)
+            created.append(pool.createXML(_volume_xml(name, len(data), "raw"), 0))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_STORAGE_VOL_EXIST:
                 raise session.error("seed volume", exc) from None
             # Another run converging this guest made it meanwhile: the seed is generated from the same options,
             # so both write the same bytes; the volume is that run's, never ours to delete on an undo.
-            vol = session.call("seed volume", pool.storageVolLookupByName, name)
-            if session.call("seed volume", vol.info)[1] < len(data):
-                session.call("seed resize", vol.resize, len(data), 0)
+        vol = created[0] if created else session.call("seed volume", pool.storageVolLookupByName, name)
+    if not created:
+        grow(session, "seed resize", lambda: vol.info()[1], lambda: vol.resize(len(data), 0), len(data))
     stream = session.connect().newStream(0)
-    session.call("seed upload", vol.upload, stream, 0, len(data), 0)
+    settled(session, "seed upload", vol.upload, stream, 0, len(data), 0)
     session.call("seed upload", stream.send, data)
     session.call("seed upload", stream.finish)
     return created

@@ -249,10 +249,21 @@ def _shutdown(conn: Connection, current: GuestState, timeout: float, force: bool
             break
         time.sleep(min(delay, max(deadline - time.monotonic(), 0.05)))
         delay = min(delay * 2, 2.0)
+    if not asked and power(conn, current) == "poweredOff":
+        return  # ShutdownGuest was refused because it was off already (another run stopped it meanwhile)
     if not force:
         raise EndpointError(conn.endpoint.label, f"guest {name!r} did not shut down within {timeout:g}s "
                                                  "(tools not running?); set force: true to power it off")
-    conn.task(name, "PowerOffVM", current.ref.vm.PowerOffVM_Task)
+    _power_off(conn, current)
+
+
+def _power_off(conn: Connection, current: GuestState) -> None:
+    """PowerOffVM; a VM that went off meanwhile (it shut down, another run stopped it) is what was asked."""
+    try:
+        conn.task(current.spec.name, "PowerOffVM", current.ref.vm.PowerOffVM_Task)
+    except EndpointError:
+        if power(conn, current) != "poweredOff":
+            raise
 
 
 def remove_guest(conn: Connection, inv: Inventory, current: GuestState, remove_storage: bool) -> None:
@@ -261,7 +272,7 @@ def remove_guest(conn: Connection, inv: Inventory, current: GuestState, remove_s
     inv.invalidate()
     try:
         if current.power_state != "stopped" and power(conn, current) != "poweredOff":
-            conn.task(name, "PowerOffVM", vm.PowerOffVM_Task)
+            _power_off(conn, current)
         if not remove_storage:
             conn.invoke(name, "UnregisterVM", vm.UnregisterVM)  # files stay on the datastore
             return

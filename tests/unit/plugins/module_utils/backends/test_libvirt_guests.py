@@ -130,6 +130,7 @@ class FakeDom:
         return self.root.findtext("uuid") or ""
 
     def XMLDesc(self, flags: int) -> str:
+        self.conn.hook("XMLDesc" if flags & lv.VIR_DOMAIN_XML_INACTIVE else "XMLDesc live")
         root = copy.deepcopy(self.live_root if self.active and not flags & lv.VIR_DOMAIN_XML_INACTIVE and
                              self.live_root is not None else self.root)
         if not flags & lv.VIR_DOMAIN_XML_SECURE:
@@ -178,6 +179,9 @@ class FakeDom:
         return 0
 
     def destroy(self) -> int:
+        self.conn.hook("destroy")
+        if not self.active:
+            raise error(lv.VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: domain is not running")
         self.active = False
         return 0
 
@@ -409,6 +413,64 @@ def test_a_disk_another_run_adds_at_the_same_time_is_not_rolled_back(conn: FakeC
     assert lost["failed"] and "created meanwhile by another run" in lost["msg"], lost
     assert conn.lookupByName("web01").root.findall("./devices/disk/alias[@name='ua-logs']"), "its disk was dropped"
     assert run([more])[0]["changed"] is False
+
+
+def test_a_guest_another_run_stopped_or_undefined_meanwhile_is_read_and_removed_without_an_error(
+        conn: FakeConn) -> None:
+    run([desired(state="running")])
+    dom = conn.lookupByName("web01")
+
+    def undefined_meanwhile() -> None:
+        raise error(lv.VIR_ERR_NO_DOMAIN, "Domain not found")
+
+    conn.hooks["XMLDesc live"] = undefined_meanwhile  # after the stats said running
+    assert state().power_state == "running" and state().pending_restart == []
+    del conn.hooks["XMLDesc live"]
+    conn.hooks["destroy"] = lambda: setattr(dom, "active", False)  # the other run's power off came first
+    removed = run([desired(state="absent")])[0]
+    assert not removed["failed"] and removed["changed"], removed
+    assert conn.domains == []
+
+
+def test_a_volume_the_creating_run_makes_after_our_read_stays_recorded_as_created(conn: FakeConn) -> None:
+    """Run A defined web01 (recording root and data as created) and is about to make their volumes; run B read it
+    with both missing and plans to make them. A makes them first: B finds them, and the record A wrote stays, so
+    a removal with remove_storage still deletes them."""
+    conn.hooks["createXML"] = lambda: (x for x in ()).throw(Killed("A is still creating"))
+    with pytest.raises(Killed):
+        run([desired()])
+    del conn.hooks["createXML"]
+    pool = conn.pools[POOL]
+    with backend() as b:
+        read = b.read_guests
+
+        def read_then_a_makes_them(placement: Any) -> Any:
+            states = read(placement)
+            for name in ("web01+root.qcow2", "web01+data.qcow2"):
+                pool.volumes.setdefault(name, FakeVol(pool, name, 2 * 1024**3))
+            return states
+
+        b.read_guests = read_then_a_makes_them  # type: ignore[method-assign]
+        result = converge(b, [desired()], PLACE, RunOptions())[0].to_dict()
+    assert not result["failed"], result
+    assert sorted(state().created_disks) == ["data", "root"], "the other run's record was overwritten"
+    run([guest_spec_from_dict({"name": "web01", "state": "absent"})], remove_storage=True)
+    assert volumes(conn) == set()
+
+
+def test_a_seed_another_run_is_still_writing_is_waited_for(conn: FakeConn) -> None:
+    busy = {"n": 0}
+
+    def in_use() -> None:
+        busy["n"] += 1
+        if busy["n"] <= 2:
+            raise error(lv.VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: volume 'web01+cidata.iso' "
+                        "is still in use.")
+
+    conn.hooks["upload"] = in_use
+    result = run([desired()])[0]
+    assert not result["failed"], result
+    assert busy["n"] == 3 and b"instance-id" in conn.pools[POOL].volumes["web01+cidata.iso"].data
 
 
 def test_a_failed_create_keeps_a_reused_volume(conn: FakeConn) -> None:

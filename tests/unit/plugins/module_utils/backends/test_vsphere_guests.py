@@ -311,6 +311,45 @@ def test_restart_applies_offline_changes_between_an_explicit_stop_and_start_with
                      "mark cleared"]
 
 
+def test_a_vm_another_run_stopped_meanwhile_is_stopped_and_removed_without_an_error() -> None:
+    """Read as running; then another run powers it off just before our call. ShutdownGuest and PowerOffVM are
+    refused for a VM that is off (InvalidPowerState): off is what was asked, for a stop and for a removal."""
+    calls: list[str] = []
+
+    class Ref:
+        _moId = "vm-1"
+        off = False
+
+        @property
+        def runtime(self) -> Any:
+            return SimpleNamespace(powerState="poweredOff" if self.off else "poweredOn")
+
+        def ShutdownGuest(self) -> None:
+            calls.append("shutdown")
+            self.off = True  # the other run's stop came first
+            raise RuntimeError("InvalidPowerState: the VM is powered off")
+
+        def PowerOffVM_Task(self) -> Any:
+            calls.append("power off")
+            self.off = True
+            return SimpleNamespace(info=SimpleNamespace(state="error", error="InvalidPowerState"))
+
+        def UnregisterVM(self) -> None:
+            calls.append("unregister")
+
+    props = vm_props()
+    current = state(props, power="running")
+    ref = Ref()
+    current.ref = VmRef(ref, props)
+    backend = new_backend()
+    backend.stop_guest(current, 5, force=False)
+    assert calls == ["shutdown"]
+    calls.clear()
+    ref.off = False
+    backend.remove_guest(current, remove_storage=False)
+    assert calls == ["power off", "unregister"]
+
+
 def test_offline_changes_are_refused_on_a_running_vm() -> None:
     props = vm_props()
     current = state(props, power="running")
