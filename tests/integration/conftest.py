@@ -54,37 +54,43 @@ BIN = Path(sys.executable).parent
 
 
 def remove_libvirt_guests(conn: Any, pool_name: str, names: list[str]) -> None:
-    """Remove the domains NAMES and their volumes (NAME+...): what a test made, whatever state it left. Each
-    step is tried again for a while (a pool refresh or a volume is refused while libvirt still writes one), and
-    what is left in the end fails the test, naming it, instead of leaking into the next one."""
+    """Remove the domains NAMES and their volumes (NAME+...): what a test made, whatever state it left. A pass
+    that libvirt refuses (a pool refresh or a volume while it still writes one) is tried again for a while, and
+    what is still there in the end fails the test, naming it, instead of leaking into the next one."""
     import time
 
     import libvirt
 
     pool = conn.storagePoolLookupByName(pool_name)
+
+    def ours() -> tuple[list[Any], list[Any]]:
+        pool.refresh(0)
+        domains = [d for d in conn.listAllDomains(0) if d.name() in names]
+        volumes = [v for v in pool.listAllVolumes(0) if any(v.name().startswith(n + "+") for n in names)]
+        return domains, volumes
+
     deadline = time.monotonic() + 30
+    domains: list[Any] = []
+    volumes: list[Any] = []
     while True:
-        left = []
+        problem = ""
         try:
-            pool.refresh(0)
-            domains = {d.name(): d for d in conn.listAllDomains(0)}
-            for name in names:
-                dom = domains.get(name)
-                if dom is not None:
-                    left.append(name)
-                    if dom.isActive():
-                        dom.destroy()
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-                for vol in pool.listAllVolumes(0):
-                    if vol.name().startswith(name + "+"):
-                        left.append(vol.name())
-                        vol.delete(0)
+            domains, volumes = ours()
+            for dom in domains:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            for vol in volumes:
+                vol.delete(0)
+            domains, volumes = ours()
         except libvirt.libvirtError as exc:
-            left.append(str(exc))
-        if not left:
-            return
+            problem = f" ({exc})"
+        else:
+            if not domains and not volumes:
+                return
         if time.monotonic() > deadline:
-            raise AssertionError(f"test guests left in the lab: {left}")
+            left = [d.name() for d in domains] + [v.name() for v in volumes]
+            raise AssertionError(f"test guests left in the lab: {left}{problem}")
         time.sleep(0.5)
 
 

@@ -12,6 +12,8 @@ change or fails that guest with "created meanwhile by another run".
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -44,15 +46,17 @@ def at_once(args: dict[str, Any], env: dict[str, str], runs: int = 2) -> list[di
     """RUNS `guests` module processes started together; their results. None outlives the call (a run left
     behind would still be changing the lab while the next test, or the teardown, reads it)."""
     cmd = [str(BIN / "ansible"), "localhost", "-m", "virtfleet.core.guests", "-a", json.dumps(args)]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _unused in range(runs)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _unused in range(runs)]
     try:
         return [_result(proc) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(60)
+        for proc in procs:  # each run's process group: ansible, its worker and the module it runs
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(60)
 
 
 def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:

@@ -88,11 +88,12 @@ def read_guests(session: Session) -> List[GuestState]:
             try:
                 session.calls += 1
                 live = ET.fromstring(dom.XMLDesc(0))  # noqa: S314
-            except libvirt.libvirtError:
-                live = None  # stopped or undefined meanwhile: nothing runs that a restart would change
-            if live is not None:
-                wanted, running = restart_view(root), restart_view(live)
-                state.pending_restart = sorted(k for k in wanted if wanted[k] != running[k])
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined meanwhile, as above
+                raise session.error("live definition", exc) from None
+            wanted, running = restart_view(root), restart_view(live)
+            state.pending_restart = sorted(k for k in wanted if wanted[k] != running[k])
         states.append(state)
     return sorted(states, key=lambda s: s.spec.name)
 

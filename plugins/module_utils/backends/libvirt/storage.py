@@ -100,7 +100,7 @@ def make_volume(session: Session, guest: str, disk: DiskSpec, pool_name: str, vo
     pool = _pool(session, pool_name)
     size = int((disk.size_gib or 0) * 1024**3)
     if kept is not None:
-        grow(session, f"volume {volume!r}", lambda: kept.info()[1], lambda: kept.resize(size, 0), size)
+        grow_to(session, kept, f"volume {volume!r}", size)
         return kept, False
     vol_xml = _volume_xml(volume, size, disk.format or "qcow2")
     source = None
@@ -118,52 +118,78 @@ def make_volume(session: Session, guest: str, disk: DiskSpec, pool_name: str, vo
                                      "was created meanwhile by another run") from None
         raise session.error(f"clone of {disk.source!r}" if source is not None else f"volume {volume!r}",
                             exc) from None
-    if source is not None and size and session.call("volume info", vol.info)[1] < size:
-        session.call("volume resize", vol.resize, size, 0)
+    if source is not None and size:
+        try:
+            grow_to(session, vol, f"volume {volume!r}", size)
+        except EndpointError:
+            undo_create(None, [vol])  # the clone this call made, not half-made for the caller to lose track of
+            raise
     return vol, True
 
 
 BUSY_WAIT = 10.0  # seconds a volume another run is still creating or writing is waited for
 
 
-def settled(session: Session, what: str, func: Callable[..., Any], *args: Any) -> Any:
-    """FUNC(*ARGS) on a volume that another run converging the same guest may still be creating or writing:
-    libvirt refuses with VIR_ERR_OPERATION_INVALID ("still being allocated", "still in use") until it is done,
-    so that is retried for up to BUSY_WAIT seconds. Any other error, or that one for longer, is one line."""
+def settled(session: Session, vol: Any, what: str, func: Callable[..., Any], *args: Any) -> Any:
+    """FUNC(*ARGS) on VOL, a volume that another run converging the same guest may still be creating or writing:
+    libvirt refuses with VIR_ERR_OPERATION_INVALID ("still being allocated", "still in use") until it is done, so
+    that is retried for up to BUSY_WAIT seconds while VOL's pool is active (the other thing that code says). Any
+    other error, or that one for longer, is one line."""
     deadline = time.monotonic() + BUSY_WAIT
     while True:
         session.calls += 1
         try:
             return func(*args)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or time.monotonic() >= deadline:
+            if (exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or time.monotonic() >= deadline
+                    or not _pool_active(vol)):
                 raise session.error(what, exc) from None
         time.sleep(0.1)
 
 
-def grow(session: Session, what: str, capacity: Callable[[], int], resize: Callable[[], Any], size: int) -> None:
-    """Resize to SIZE bytes unless CAPACITY() is that much already. A grow never shrinks: the size was read before
-    the plan, and a disk grown meanwhile (another run converging the same guest, or a person) is left as it is,
-    also when it grows between this look and the resize (libvirt then refuses the smaller size)."""
-    if settled(session, what, capacity) >= size:
+def _pool_active(vol: Any) -> bool:
+    try:
+        return bool(vol.storagePoolLookupByVolume().isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def grow_to(session: Session, vol: Any, what: str, size: int) -> None:
+    """Resize VOL to SIZE bytes unless it is that big already. A grow never shrinks: the size was read before the
+    plan, and a volume grown meanwhile (another run converging the same guest, or a person) is left as it is, also
+    when it grows between this look and the resize (libvirt refuses a volume a smaller size without its SHRINK
+    flag)."""
+    if settled(session, vol, what, lambda: vol.info()[1]) >= size:
         return
     try:
-        settled(session, what, resize)
+        settled(session, vol, what, vol.resize, size, 0)
     except EndpointError:
-        if settled(session, what, capacity) >= size:
+        if settled(session, vol, what, lambda: vol.info()[1]) >= size:
             return
         raise
 
 
 def grow_volume(session: Session, disk: Disk, size: int) -> None:
     vol = session.call(f"volume of disk {disk.name!r}", disk_volume, session, disk)
-    grow(session, f"grow disk {disk.name!r}", lambda: vol.info()[1], lambda: vol.resize(size, 0), size)
+    grow_to(session, vol, f"grow disk {disk.name!r}", size)
 
 
 def grow_running(session: Session, dom: Any, disk: Disk, size: int) -> None:
-    """Grow the image a running guest has open (QEMU resizes it; blockInfo reads its capacity)."""
-    grow(session, f"grow disk {disk.name!r} (live)", lambda: dom.blockInfo(disk.dev, 0)[0],
-         lambda: dom.blockResize(disk.dev, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES), size)
+    """Grow the image a running guest has open. QEMU resizes it, and a blockResize to a smaller size shrinks it, so
+    its capacity is read first (blockInfo) and a disk that big already is left as it is. That narrows, but cannot
+    close, the window for another run's grow to land between the look and the resize: libvirt has no grow-only
+    resize of a running image. A guest stopped meanwhile has its volume grown instead."""
+    what = f"grow disk {disk.name!r} (live)"
+    try:
+        session.calls += 1
+        if dom.blockInfo(disk.dev, 0)[0] >= size:
+            return
+        session.calls += 1
+        dom.blockResize(disk.dev, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    except libvirt.libvirtError as exc:
+        if session.call("guest state", dom.isActive):
+            raise session.error(what, exc) from None
+        grow_volume(session, disk, size)
 
 
 def write_seed(session: Session, cloud_init: CloudInit, pool_name: str, name: str) -> List[Any]:
@@ -184,9 +210,9 @@ def write_seed(session: Session, cloud_init: CloudInit, pool_name: str, name: st
             # so both write the same bytes; the volume is that run's, never ours to delete on an undo.
         vol = created[0] if created else session.call("seed volume", pool.storageVolLookupByName, name)
     if not created:
-        grow(session, "seed resize", lambda: vol.info()[1], lambda: vol.resize(len(data), 0), len(data))
+        grow_to(session, vol, "seed resize", len(data))
     stream = session.connect().newStream(0)
-    settled(session, "seed upload", vol.upload, stream, 0, len(data), 0)
+    settled(session, vol, "seed upload", vol.upload, stream, 0, len(data), 0)
     session.call("seed upload", stream.send, data)
     session.call("seed upload", stream.finish)
     return created

@@ -68,6 +68,9 @@ class FakeVol:
         self.capacity = size
         return 0
 
+    def storagePoolLookupByVolume(self) -> FakePool:
+        return self.pool
+
     def delete(self, _flags: int) -> int:
         self.pool.conn.hook("delete")
         self.pool.volumes.pop(self._name, None)
@@ -97,6 +100,9 @@ class FakePool:
 
     def name(self) -> str:
         return self._name
+
+    def isActive(self) -> int:
+        return 1
 
     def storageVolLookupByName(self, name: str) -> FakeVol:
         if name not in self.volumes:
@@ -191,6 +197,27 @@ class FakeDom:
         return 0
 
     def setVcpusFlags(self, *_args: Any) -> int:
+        return 0
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def _image(self, dev: str) -> FakeVol:
+        for disk in self.root.findall("./devices/disk"):
+            target, source = disk.find("target"), disk.find("source")
+            if target is not None and source is not None and target.get("dev") == dev:
+                return self.conn.pools[source.get("pool") or POOL].volumes[source.get("volume") or ""]
+        raise error(lv.VIR_ERR_INVALID_ARG, f"invalid argument: disk '{dev}' was not found in the domain config")
+
+    def blockInfo(self, dev: str, _flags: int) -> list[int]:
+        capacity = self._image(dev).capacity
+        return [capacity, capacity, capacity]
+
+    def blockResize(self, dev: str, size: int, _flags: int) -> int:
+        self.conn.hook("blockResize")
+        if not self.active:
+            raise error(lv.VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: domain is not running")
+        self._image(dev).capacity = size  # QEMU resizes the open image, a smaller size too
         return 0
 
     def attachDeviceFlags(self, *_args: Any) -> int:
@@ -424,7 +451,12 @@ def test_a_guest_another_run_stopped_or_undefined_meanwhile_is_read_and_removed_
         raise error(lv.VIR_ERR_NO_DOMAIN, "Domain not found")
 
     conn.hooks["XMLDesc live"] = undefined_meanwhile  # after the stats said running
-    assert state().power_state == "running" and state().pending_restart == []
+    with backend() as b:
+        assert [s.spec.name for s in b.read_guests(PLACE)] == [], "a guest undefined meanwhile is not there"
+    del conn.hooks["XMLDesc live"]
+    conn.hooks["XMLDesc live"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_INTERNAL_ERROR, "connection lost"))
+    with backend() as b, pytest.raises(EndpointError, match="live definition: connection lost"):
+        b.read_guests(PLACE)  # any other error is not taken for the guest being gone
     del conn.hooks["XMLDesc live"]
     conn.hooks["destroy"] = lambda: setattr(dom, "active", False)  # the other run's power off came first
     removed = run([desired(state="absent")])[0]
@@ -471,6 +503,37 @@ def test_a_seed_another_run_is_still_writing_is_waited_for(conn: FakeConn) -> No
     result = run([desired()])[0]
     assert not result["failed"], result
     assert busy["n"] == 3 and b"instance-id" in conn.pools[POOL].volumes["web01+cidata.iso"].data
+
+
+def test_a_power_off_refused_while_the_guest_still_runs_is_an_error(conn: FakeConn) -> None:
+    run([desired(state="running")])
+    conn.hooks["destroy"] = lambda: (x for x in ()).throw(error(lv.VIR_ERR_OPERATION_FAILED, "device busy"))
+    removed = run([desired(state="absent")])[0]
+    assert removed["failed"] and "power off guest 'web01': device busy" in removed["msg"], removed
+    assert conn.lookupByName("web01").active
+
+
+def test_a_running_guests_disk_grown_meanwhile_is_not_shrunk_and_a_guest_stopped_meanwhile_grows_offline(
+        conn: FakeConn) -> None:
+    run([desired(state="running")])
+    root = conn.pools[POOL].volumes["web01+root.qcow2"]
+    dom = conn.lookupByName("web01")
+    bigger = desired(state="running", disks=[{"name": "root", "size_gib": 2}, {"name": "data", "size_gib": 2}])
+    with backend() as b:
+        read = b.read_guests
+
+        def read_then(placement: Any) -> Any:
+            states = read(placement)
+            root.capacity = max(root.capacity, 3 * 1024**3)  # another run grew it to 3 GiB meanwhile
+            return states
+
+        b.read_guests = read_then  # type: ignore[method-assign]
+        result = converge(b, [bigger], PLACE, RunOptions())[0].to_dict()
+    assert not result["failed"] and root.capacity == 3 * 1024**3, (result, root.capacity)
+    root.capacity = 1024**3
+    conn.hooks["blockResize"] = lambda: setattr(dom, "active", False)  # stopped just before the live resize
+    result = run([desired(disks=[{"name": "root", "size_gib": 2}, {"name": "data", "size_gib": 2}])])[0]
+    assert not result["failed"] and root.capacity == 2 * 1024**3, (result, root.capacity)
 
 
 def test_a_failed_create_keeps_a_reused_volume(conn: FakeConn) -> None:

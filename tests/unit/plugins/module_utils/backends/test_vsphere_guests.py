@@ -349,6 +349,17 @@ def test_a_vm_another_run_stopped_meanwhile_is_stopped_and_removed_without_an_er
     backend.remove_guest(current, remove_storage=False)
     assert calls == ["power off", "unregister"]
 
+    class Stuck(Ref):
+        def PowerOffVM_Task(self) -> Any:  # refused, and the VM is still on
+            calls.append("power off")
+            return SimpleNamespace(info=SimpleNamespace(state="error", error="TaskInProgress"))
+
+    calls.clear()
+    current.ref = VmRef(Stuck(), props)
+    with pytest.raises(EndpointError, match="PowerOffVM failed"):
+        backend.remove_guest(current, remove_storage=False)
+    assert calls == ["power off"], "nothing is unregistered while it runs"
+
 
 def test_offline_changes_are_refused_on_a_running_vm() -> None:
     props = vm_props()
