@@ -18,7 +18,7 @@ import subprocess
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -66,6 +66,22 @@ def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(body[body.index("{"):])
     result["_status"] = head.rsplit("|", 1)[-1].strip()
     return result
+
+
+def after_first_read(backend: Any, action: Callable[[], Any]) -> None:
+    """BACKEND runs ACTION once, right after its first read_guests (the read its plan is made from): what another
+    run or a person does between a run's read and its apply. Later reads (the read-back) see the result as it is."""
+    read = backend.read_guests
+    done: list[bool] = []
+
+    def read_then(placement: Any) -> Any:
+        states = read(placement)
+        if not done:
+            done.append(True)
+            action()
+        return states
+
+    backend.read_guests = read_then
 
 
 def per_guest(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -128,16 +144,7 @@ def _converge_after_barrier(uri: str, data: list[dict[str, Any]], pool: str, dom
     from ansible_collections.virtfleet.core.plugins.module_utils.backends.libvirt import LibvirtBackend
 
     with LibvirtBackend(parse_endpoint(uri), 30) as backend:
-        read = backend.read_guests
-
-        def read_then_wait(placement: Any) -> Any:
-            states = read(placement)
-            if not getattr(backend, "_waited", False):
-                backend._waited = True  # type: ignore[attr-defined]
-                barrier.wait(60)
-            return states
-
-        backend.read_guests = read_then_wait  # type: ignore[method-assign]
+        after_first_read(backend, lambda: barrier.wait(60))
         results = converge(backend, [guest_spec_from_dict(d) for d in data],
                            Placement(pool=pool, domain_type=domain_type), RunOptions())
     out.put([r.to_dict() for r in results])
@@ -207,21 +214,10 @@ def test_a_disk_grown_after_the_read_is_never_shrunk_by_the_planned_grow(
         return int(dom.blockInfo("vda", 0)[0]) if running else int(vol.info()[1])
 
     with LibvirtBackend(parse_endpoint(lab["libvirt"]["uri"]), 30) as backend:
-        read = backend.read_guests
-        grown: list[bool] = []
-
-        def read_then_grow(placement: Any) -> Any:
-            states = read(placement)
-            if grown:
-                return states  # once, after the read the plan is made from
-            grown.append(True)
-            if running:
-                dom.blockResize("vda", meanwhile, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
-            else:
-                vol.resize(meanwhile, 0)
-            return states
-
-        backend.read_guests = read_then_grow  # type: ignore[method-assign]
+        if running:
+            after_first_read(backend, lambda: dom.blockResize("vda", meanwhile, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES))
+        else:
+            after_first_read(backend, lambda: vol.resize(meanwhile, 0))
         wanted = {**data, "disks": [{"name": "root", "size_gib": 0.02, "pool": lab["libvirt"]["pool"]}]}
         place = Placement(pool=lab["libvirt"]["pool"], domain_type=lab["domain_type"])
         result = converge(backend, [guest_spec_from_dict(wanted)], place, RunOptions())[0].to_dict()

@@ -346,6 +346,22 @@ def state(name: str = "web01") -> Any:
         return next(s for s in b.read_guests(PLACE) if s.spec.name == name)
 
 
+def after_first_read(b: Any, action: Callable[[], None]) -> None:
+    """B runs ACTION once, right after its first read_guests (the read its plan is made from): what another run
+    or a person does between a run's read and its apply. Later reads (the read-back) see the result as it is."""
+    read = b.read_guests
+    done: list[bool] = []
+
+    def read_then(placement: Any) -> Any:
+        states = read(placement)
+        if not done:
+            done.append(True)
+            action()
+        return states
+
+    b.read_guests = read_then
+
+
 def volumes(conn: FakeConn) -> set[str]:
     return set(conn.pools[POOL].volumes)
 
@@ -473,16 +489,13 @@ def test_a_volume_the_creating_run_makes_after_our_read_stays_recorded_as_create
         run([desired()])
     del conn.hooks["createXML"]
     pool = conn.pools[POOL]
+
+    def a_makes_them() -> None:
+        for name in ("web01+root.qcow2", "web01+data.qcow2"):
+            pool.volumes.setdefault(name, FakeVol(pool, name, 2 * 1024**3))
+
     with backend() as b:
-        read = b.read_guests
-
-        def read_then_a_makes_them(placement: Any) -> Any:
-            states = read(placement)
-            for name in ("web01+root.qcow2", "web01+data.qcow2"):
-                pool.volumes.setdefault(name, FakeVol(pool, name, 2 * 1024**3))
-            return states
-
-        b.read_guests = read_then_a_makes_them  # type: ignore[method-assign]
+        after_first_read(b, a_makes_them)
         result = converge(b, [desired()], PLACE, RunOptions())[0].to_dict()
     assert not result["failed"], result
     assert sorted(state().created_disks) == ["data", "root"], "the other run's record was overwritten"
@@ -520,14 +533,7 @@ def test_a_running_guests_disk_grown_meanwhile_is_not_shrunk_and_a_guest_stopped
     dom = conn.lookupByName("web01")
     bigger = desired(state="running", disks=[{"name": "root", "size_gib": 2}, {"name": "data", "size_gib": 2}])
     with backend() as b:
-        read = b.read_guests
-
-        def read_then(placement: Any) -> Any:
-            states = read(placement)
-            root.capacity = max(root.capacity, 3 * 1024**3)  # another run grew it to 3 GiB meanwhile
-            return states
-
-        b.read_guests = read_then  # type: ignore[method-assign]
+        after_first_read(b, lambda: setattr(root, "capacity", 3 * 1024**3))  # another run grew it to 3 GiB
         result = converge(b, [bigger], PLACE, RunOptions())[0].to_dict()
     assert not result["failed"] and root.capacity == 3 * 1024**3, (result, root.capacity)
     root.capacity = 1024**3
