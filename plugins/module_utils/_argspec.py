@@ -13,7 +13,15 @@ from typing import Any, Dict, List
 
 from ansible.module_utils.basic import env_fallback
 
-from ._endpoints import Endpoint, env_credentials, parse_endpoint, with_credentials, with_current_credential_files
+from ._endpoints import (
+    Endpoint,
+    env_credentials,
+    env_password,
+    parse_endpoint,
+    uri_password,
+    with_credentials,
+    with_current_credential_files,
+)
 from ._errors import ConfigError
 from ._model import DISK_BUSES, DISK_FORMATS, FIRMWARES, GUEST_STATES, NIC_MODELS, OWNER_TAG, Placement
 
@@ -52,8 +60,6 @@ def connection_secrets(params: Dict[str, Any]) -> List[str]:
     """The secrets a module's connection options bring besides O(password) (which no_log hides): a password
     written in O(uri) (refused, but not shown), and, without O(password), the one the environment gives
     (env_password: the file VIRTFLEET_PASSWORD_FILE names is no option AnsibleModule knows to hide)."""
-    from ._endpoints import env_password, uri_password
-
     found = [uri_password(params.get("uri"))]
     if not params.get("password"):
         try:

@@ -210,14 +210,19 @@ def power(conn: Connection, current: GuestState) -> str:
     return str(runtime.powerState)
 
 
+def _power_task(conn: Connection, current: GuestState, what: str, method: Any, wanted: str) -> None:
+    """One power task. Refused because the VM is in the WANTED state already (another run got it there
+    meanwhile, or it shut down by itself): that is what was asked."""
+    try:
+        conn.task(current.spec.name, what, method)
+    except EndpointError:
+        if power(conn, current) != wanted:
+            raise
+
+
 def start_guest(conn: Connection, inv: Inventory, current: GuestState) -> None:
     inv.invalidate()
-    try:
-        conn.task(current.spec.name, "PowerOnVM", current.ref.vm.PowerOnVM_Task)
-    except EndpointError:
-        # Another run started it meanwhile: running is what was asked.
-        if power(conn, current) != "poweredOn":
-            raise
+    _power_task(conn, current, "PowerOnVM", current.ref.vm.PowerOnVM_Task, "poweredOn")
     if current.interrupted_restart:
         set_restarting(conn, inv, current, "")  # a restart an earlier run did not finish is finished now
 
@@ -254,16 +259,7 @@ def _shutdown(conn: Connection, current: GuestState, timeout: float, force: bool
     if not force:
         raise EndpointError(conn.endpoint.label, f"guest {name!r} did not shut down within {timeout:g}s "
                                                  "(tools not running?); set force: true to power it off")
-    _power_off(conn, current)
-
-
-def _power_off(conn: Connection, current: GuestState) -> None:
-    """PowerOffVM; a VM that went off meanwhile (it shut down, another run stopped it) is what was asked."""
-    try:
-        conn.task(current.spec.name, "PowerOffVM", current.ref.vm.PowerOffVM_Task)
-    except EndpointError:
-        if power(conn, current) != "poweredOff":
-            raise
+    _power_task(conn, current, "PowerOffVM", current.ref.vm.PowerOffVM_Task, "poweredOff")
 
 
 def remove_guest(conn: Connection, inv: Inventory, current: GuestState, remove_storage: bool) -> None:
@@ -272,7 +268,7 @@ def remove_guest(conn: Connection, inv: Inventory, current: GuestState, remove_s
     inv.invalidate()
     try:
         if current.power_state != "stopped" and power(conn, current) != "poweredOff":
-            _power_off(conn, current)
+            _power_task(conn, current, "PowerOffVM", vm.PowerOffVM_Task, "poweredOff")
         if not remove_storage:
             conn.invoke(name, "UnregisterVM", vm.UnregisterVM)  # files stay on the datastore
             return
